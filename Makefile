@@ -1,0 +1,29 @@
+# Entry points for people and CI. Every target installs what a fresh machine
+# lacks first. Tests, benchmarks and the local cluster share one build
+# profile, so RocksDB is compiled once.
+CARGO ?= cargo
+
+.PHONY: deps up test bench sim lint
+
+deps:
+	@scripts/install-deps.sh
+
+## Start a local 3-peer cluster on loopback (Ctrl-C stops it).
+up: deps
+	$(CARGO) run --bin shoal -- cluster up $(ARGS)
+
+## Run every test: unit, model, and end-to-end with real peer processes.
+test: deps
+	$(CARGO) test --workspace --no-fail-fast
+
+## Benchmark replicated immutable blocks on a 3-peer loopback cluster.
+bench: deps
+	$(CARGO) run -p shoal-e2e --bin bench-blocks
+
+## Simulate placement and membership for 10,000 nodes.
+sim: deps
+	$(CARGO) run -p shoal-e2e --bin sim-placement
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

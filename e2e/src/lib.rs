@@ -1,0 +1,277 @@
+//! Harness for end-to-end tests and benchmarks: real `shoal` peer processes
+//! on 127.0.0.1, each with its own data dir, QUIC endpoint and RocksDB,
+//! driven through their admin sockets. Every process a harness starts, it
+//! stops (SIGKILL on drop).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use shoal_proto::admin::admin_client::AdminClient;
+use shoal_proto::admin::{ListLocalBlocksRequest, NodeState, StatusRequest};
+use tonic::transport::Channel;
+
+/// The `shoal` binary under test: `$SHOAL_BIN`, else the one cargo built
+/// next to this test or benchmark.
+pub fn shoal_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SHOAL_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("shoal")
+}
+
+/// Runs `shoal ARGS` to completion.
+pub fn shoal(args: &[&str]) -> Output {
+    Command::new(shoal_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shoal")
+}
+
+/// Where and how one peer runs.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub zone: String,
+    pub rack: String,
+    pub capacity: String,
+}
+
+impl NodeSpec {
+    pub fn new(zone: &str, rack: &str) -> Self {
+        Self {
+            zone: zone.into(),
+            rack: rack.into(),
+            capacity: "4GiB".into(),
+        }
+    }
+
+    pub fn capacity(mut self, capacity: &str) -> Self {
+        self.capacity = capacity.into();
+        self
+    }
+}
+
+/// `n` peers spread round-robin over `zones` zones, one rack each.
+pub fn spread(n: usize, zones: usize) -> Vec<NodeSpec> {
+    (0..n)
+        .map(|i| NodeSpec::new(&format!("zone-{}", i % zones), &format!("rack-{i}")))
+        .collect()
+}
+
+#[derive(Debug)]
+pub struct PeerProcess {
+    pub spec: NodeSpec,
+    pub dir: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl PeerProcess {
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("peer.log")).unwrap_or_default()
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+        shoal_node::admin::connect(&self.dir).await
+    }
+}
+
+/// A cluster of real peer processes in a temporary directory.
+#[derive(Debug)]
+pub struct TestCluster {
+    root: tempfile::TempDir,
+    pub peers: Vec<PeerProcess>,
+    replicas: usize,
+}
+
+impl TestCluster {
+    /// Starts one peer per spec (all joining the first) with the given
+    /// replication, and waits until every peer sees all of them alive.
+    pub async fn start(specs: &[NodeSpec], replicas: usize) -> anyhow::Result<Self> {
+        let root = tempfile::Builder::new().prefix("shoal-e2e-").tempdir()?;
+        let out = shoal(&[
+            "cluster",
+            "init",
+            "--dir",
+            root.path().to_str().expect("utf-8 path"),
+        ]);
+        if !out.status.success() {
+            bail!("cluster init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut cluster = Self {
+            root,
+            peers: Vec::new(),
+            replicas,
+        };
+        for spec in specs {
+            let join = cluster.peers.first().map(|p| p.addr.clone());
+            cluster.spawn(spec.clone(), join.as_deref()).await?;
+        }
+        cluster.wait_until_joined(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Starts one more peer, joining `join` if given; returns its index.
+    pub async fn spawn(&mut self, spec: NodeSpec, join: Option<&str>) -> anyhow::Result<usize> {
+        let index = self.peers.len();
+        let dir = self.root.path().join(format!("node-{}", index + 1));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("peer.log"))?;
+        let mut cmd = Command::new(shoal_bin());
+        cmd.args(["node", "run", "--listen", "127.0.0.1:0"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--ca")
+            .arg(self.root.path())
+            .args(["--zone", &spec.zone, "--rack", &spec.rack])
+            .args(["--capacity", &spec.capacity])
+            .args(["--replicas", &self.replicas.to_string()])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(join) = join {
+            cmd.args(["--join", join]);
+        }
+        let child = cmd.spawn().context("start shoal node run")?;
+        let mut peer = PeerProcess {
+            spec,
+            dir,
+            addr: String::new(),
+            child: Some(child),
+        };
+        peer.addr = own_address(&mut peer, Duration::from_secs(30)).await?;
+        self.peers.push(peer);
+        Ok(index)
+    }
+
+    /// Waits until every running peer sees every running peer alive.
+    pub async fn wait_until_joined(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let mut want = 0;
+        for peer in self.peers.iter_mut() {
+            want += usize::from(peer.is_running());
+        }
+        self.wait_for_alive(want, limit).await
+    }
+
+    /// Waits until every running peer counts exactly `alive` alive members.
+    pub async fn wait_for_alive(&mut self, alive: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut ok = true;
+            for peer in self.peers.iter_mut() {
+                if !peer.is_running() {
+                    continue;
+                }
+                let seen = match peer.admin().await {
+                    Ok(mut c) => match c.status(StatusRequest {}).await {
+                        Ok(s) => s
+                            .into_inner()
+                            .members
+                            .iter()
+                            .filter(|m| m.state() == NodeState::Alive)
+                            .count(),
+                        Err(_) => 0,
+                    },
+                    Err(_) => 0,
+                };
+                ok &= seen == alive;
+            }
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("peers did not all see {alive} alive members within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills peer `i` with SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.peers[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every block address held in peer `i`'s own store.
+    pub async fn local_blocks(&self, i: usize) -> anyhow::Result<Vec<String>> {
+        let mut client = self.peers[i].admin().await?;
+        let mut all = Vec::new();
+        let mut start_after = String::new();
+        // Bounded: a page is at most 10,000 addresses.
+        for _ in 0..10_000 {
+            let page = client
+                .list_local_blocks(ListLocalBlocksRequest {
+                    start_after: start_after.clone(),
+                    limit: 0,
+                })
+                .await?
+                .into_inner();
+            all.extend(page.addresses);
+            if page.next_start_after.is_empty() {
+                return Ok(all);
+            }
+            start_after = page.next_start_after;
+        }
+        bail!("too many pages")
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for i in 0..self.peers.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Waits for the peer's admin socket and reads its QUIC address from status.
+async fn own_address(peer: &mut PeerProcess, limit: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !peer.is_running() {
+            bail!("peer exited during start: {}", peer.log());
+        }
+        if let Ok(mut client) = peer.admin().await
+            && let Ok(status) = client.status(StatusRequest {}).await
+        {
+            let status = status.into_inner();
+            if let Some(me) = status.members.iter().find(|m| m.node_id == status.node_id) {
+                return Ok(me.address.clone());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("peer did not start within {limit:?}: {}", peer.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Latency percentile (0..=100) of sorted samples, in microseconds.
+pub fn percentile(sorted_micros: &[u64], p: f64) -> u64 {
+    if sorted_micros.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted_micros.len() - 1) as f64).round() as usize;
+    sorted_micros[rank.min(sorted_micros.len() - 1)]
+}

@@ -1,0 +1,202 @@
+//! The admin API: gRPC (tonic) on a unix socket in the peer's data dir. Only
+//! local users who can reach the data dir can use it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use shoal_core::{Address, NodeInfo, NodeState};
+use shoal_proto::admin::admin_client::AdminClient;
+use shoal_proto::admin::admin_server::{Admin, AdminServer};
+use shoal_proto::admin::{
+    GetBlockReply, GetBlockRequest, ListLocalBlocksReply, ListLocalBlocksRequest, LocateBlockReply,
+    LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, StatusReply, StatusRequest,
+};
+use tokio::net::UnixStream;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+
+use crate::blocks::{BlockError, Blocks};
+
+pub const SOCKET_FILE: &str = "admin.sock";
+/// Admin messages carry whole blocks.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(SOCKET_FILE)
+}
+
+#[derive(Debug)]
+struct AdminService {
+    blocks: Arc<Blocks>,
+    me: shoal_core::NodeId,
+}
+
+fn member(n: &NodeInfo) -> Member {
+    use shoal_proto::admin::NodeState as S;
+    Member {
+        node_id: n.id.to_string(),
+        address: n.addr.to_string(),
+        zone: n.zone.clone(),
+        rack: n.rack.clone(),
+        state: match n.state {
+            NodeState::Alive => S::Alive,
+            NodeState::Suspect => S::Suspect,
+            NodeState::Dead => S::Dead,
+            NodeState::Draining => S::Draining,
+        }
+        .into(),
+        capacity: n.capacity,
+        used: n.used,
+    }
+}
+
+fn parse_address(s: &str) -> Result<Address, Status> {
+    s.parse()
+        .map_err(|e: shoal_core::AddressParseError| Status::invalid_argument(e.to_string()))
+}
+
+fn block_status(e: BlockError) -> Status {
+    match e {
+        BlockError::NotFound(_) => Status::not_found(e.to_string()),
+        BlockError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        BlockError::NoQuorum { .. } if e.to_string().contains("no space") => {
+            Status::resource_exhausted(e.to_string())
+        }
+        BlockError::NotEnoughNodes { full, .. } if full > 0 => {
+            Status::resource_exhausted(e.to_string())
+        }
+        BlockError::NotEnoughNodes { .. }
+        | BlockError::NoQuorum { .. }
+        | BlockError::Unavailable { .. } => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let view = self.blocks.view();
+        let policy = self.blocks.config().policy;
+        Ok(Response::new(StatusReply {
+            node_id: self.me.to_string(),
+            replication: policy.replicas as u32,
+            failure_domain: policy.failure_domain.to_string(),
+            members: view.nodes().iter().map(member).collect(),
+        }))
+    }
+
+    async fn put_block(
+        &self,
+        request: Request<PutBlockRequest>,
+    ) -> Result<Response<PutBlockReply>, Status> {
+        let data = Bytes::from(request.into_inner().data);
+        let address = self.blocks.put(data).await.map_err(block_status)?;
+        Ok(Response::new(PutBlockReply {
+            address: address.to_string(),
+        }))
+    }
+
+    async fn get_block(
+        &self,
+        request: Request<GetBlockRequest>,
+    ) -> Result<Response<GetBlockReply>, Status> {
+        let address = parse_address(&request.into_inner().address)?;
+        let data = self.blocks.get(address).await.map_err(block_status)?;
+        Ok(Response::new(GetBlockReply {
+            data: data.to_vec(),
+        }))
+    }
+
+    async fn locate_block(
+        &self,
+        request: Request<LocateBlockRequest>,
+    ) -> Result<Response<LocateBlockReply>, Status> {
+        let address = parse_address(&request.into_inner().address)?;
+        let replicas = self
+            .blocks
+            .read_candidates(&address)
+            .iter()
+            .take(self.blocks.config().policy.replicas)
+            .map(member)
+            .collect();
+        Ok(Response::new(LocateBlockReply { replicas }))
+    }
+
+    async fn list_local_blocks(
+        &self,
+        request: Request<ListLocalBlocksRequest>,
+    ) -> Result<Response<ListLocalBlocksReply>, Status> {
+        let request = request.into_inner();
+        let start_after = match request.start_after.as_str() {
+            "" => None,
+            s => Some(parse_address(s)?),
+        };
+        let limit = match request.limit as usize {
+            0 => LIST_PAGE,
+            n => n.min(LIST_PAGE),
+        };
+        let store = self.blocks.store().clone();
+        let page = tokio::task::spawn_blocking(move || store.list(start_after.as_ref(), limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let next_start_after = if page.len() == limit {
+            page.last().map(|a| a.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListLocalBlocksReply {
+            addresses: page.iter().map(|a| a.to_string()).collect(),
+            next_start_after,
+        }))
+    }
+}
+
+/// Page size of `ListLocalBlocks` when the caller sets none, and its cap.
+const LIST_PAGE: usize = 10_000;
+
+/// Serves the admin API on `dir/admin.sock` until `shutdown` resolves.
+pub async fn serve(
+    dir: &Path,
+    blocks: Arc<Blocks>,
+    me: shoal_core::NodeId,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let path = socket_path(dir);
+    // The caller holds the data dir lock, so a socket file here is stale.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| anyhow::anyhow!("cannot bind admin socket {}: {e}", path.display()))?;
+    let service = AdminServer::new(AdminService { blocks, me })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Connects to the admin API of the peer whose data dir is `dir`.
+pub async fn connect(dir: &Path) -> anyhow::Result<AdminClient<Channel>> {
+    let path = socket_path(dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no shoal peer is running with data dir {} (no {SOCKET_FILE}); start one with `shoal cluster up` or `shoal node run`",
+            dir.display()
+        );
+    }
+    let channel = Endpoint::try_from("http://shoal.local")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the shoal peer in {}: {e}", dir.display()))?;
+    Ok(AdminClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}

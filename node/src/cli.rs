@@ -1,0 +1,321 @@
+//! The `shoal` command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use shoal_core::Address;
+use shoal_core::placement::{FailureDomain, Policy};
+use shoal_proto::admin::{GetBlockRequest, LocateBlockRequest, PutBlockRequest, StatusRequest};
+
+use crate::cluster::{self, ClusterUp};
+use crate::gossip::GossipConfig;
+use crate::peer::{Peer, PeerConfig};
+use crate::{admin, identity};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: leaderless, replicated storage for containers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or run a cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Run a storage peer.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show the cluster as a peer sees it.
+    Status(PeerArgs),
+    /// Store and fetch immutable blocks.
+    #[command(subcommand)]
+    Block(BlockCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Create a cluster CA (ca.crt, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Start a local cluster of N peers on loopback; Ctrl-C stops it.
+    Up(ClusterUp),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Run one storage peer in the foreground.
+    Run(NodeRun),
+}
+
+/// Replication policy flags, shared by `node run` and `cluster up`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Copies kept of every block (1-7).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=7))]
+    pub replicas: u8,
+    /// What replicas of one block must not share: zone, rack or host.
+    #[arg(long, default_value = "zone")]
+    pub failure_domain: FailureDomain,
+    /// Replicas that must hold a block before a write is acknowledged
+    /// (default: a majority).
+    #[arg(long)]
+    pub write_quorum: Option<usize>,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            replicas: usize::from(self.replicas),
+            failure_domain: self.failure_domain,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct NodeRun {
+    /// Data dir: the peer's store, certificate and admin socket.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Dir holding the cluster CA (default: DIR if it has ca.crt, else its parent).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// QUIC address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Address of a peer already in the cluster (repeatable).
+    #[arg(long)]
+    join: Vec<String>,
+    #[arg(long, default_value = "default")]
+    zone: String,
+    #[arg(long, default_value = "default")]
+    rack: String,
+    /// Bytes offered for blocks, e.g. 10GiB.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+    capacity: u64,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+struct PeerArgs {
+    /// Data dir of the local peer to ask.
+    #[arg(long, env = "SHOAL_DIR", default_value = cluster::DEFAULT_PEER_DIR)]
+    dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum BlockCommand {
+    /// Store FILE as an immutable block; prints its address.
+    Put {
+        file: PathBuf,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Fetch the block at ADDRESS (to stdout, or to FILE with -o).
+    Get {
+        address: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Show which nodes hold the block at ADDRESS.
+    Locate {
+        address: String,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size {s:?}: {e} (examples: 512MiB, 10GiB)"))
+}
+
+/// Runs the CLI; errors are printed on one line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shoal: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Cluster(ClusterCommand::Init { dir }) => {
+            identity::init_ca(&dir)?;
+            println!("created cluster CA in {}", dir.display());
+            println!(
+                "start peers with: shoal node run --dir DATA_DIR --ca {} --listen 127.0.0.1:7400 ...",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Up(up)) => cluster::up(up).await,
+        Command::Node(NodeCommand::Run(args)) => {
+            init_logging();
+            run_node(args).await
+        }
+        Command::Status(peer) => status(&peer.dir).await,
+        Command::Block(BlockCommand::Put { file, peer }) => {
+            let data =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .put_block(PutBlockRequest { data })
+                .await
+                .map_err(status_error)?;
+            println!("{}", reply.into_inner().address);
+            Ok(())
+        }
+        Command::Block(BlockCommand::Get {
+            address,
+            output,
+            peer,
+        }) => {
+            let address: Address = address.parse()?;
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .get_block(GetBlockRequest {
+                    address: address.to_string(),
+                })
+                .await
+                .map_err(status_error)?;
+            let data = reply.into_inner().data;
+            match output {
+                Some(path) => std::fs::write(&path, data)
+                    .with_context(|| format!("cannot write {}", path.display())),
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&data)?;
+                    Ok(())
+                }
+            }
+        }
+        Command::Block(BlockCommand::Locate { address, peer }) => {
+            let address: Address = address.parse()?;
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .locate_block(LocateBlockRequest {
+                    address: address.to_string(),
+                })
+                .await
+                .map_err(status_error)?;
+            for m in reply.into_inner().replicas {
+                println!("{} {} {} {}", m.node_id, m.address, m.zone, m.rack);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A gRPC error as a one-line message.
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+async fn run_node(args: NodeRun) -> anyhow::Result<()> {
+    let ca_dir = args.ca.clone().unwrap_or_else(|| default_ca_dir(&args.dir));
+    let config = PeerConfig {
+        dir: args.dir,
+        ca_dir,
+        listen: args.listen,
+        join: args.join,
+        zone: args.zone,
+        rack: args.rack,
+        capacity: args.capacity,
+        policy: args.policy.policy(),
+        write_quorum: args.policy.write_quorum,
+        gossip: GossipConfig::default(),
+    };
+    let peer = Peer::start(config).await?;
+    peer.run(shutdown_signal()).await
+}
+
+fn default_ca_dir(dir: &Path) -> PathBuf {
+    if dir.join(identity::CA_CERT_FILE).exists() {
+        return dir.to_path_buf();
+    }
+    dir.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn status(dir: &Path) -> anyhow::Result<()> {
+    let reply = admin::connect(dir)
+        .await?
+        .status(StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "node", "address", "zone", "rack", "state", "capacity", "used",
+    ]);
+    for m in &reply.members {
+        let marker = if m.node_id == reply.node_id { " *" } else { "" };
+        table.add_row([
+            format!("{}{marker}", m.node_id),
+            m.address.clone(),
+            m.zone.clone(),
+            m.rack.clone(),
+            m.state()
+                .as_str_name()
+                .trim_start_matches("NODE_STATE_")
+                .to_lowercase(),
+            bytesize::ByteSize(m.capacity).display().iec().to_string(),
+            bytesize::ByteSize(m.used).display().iec().to_string(),
+        ]);
+    }
+    println!("{table}");
+    println!(
+        "replication {} across distinct {}s; * marks the peer answering",
+        reply.replication, reply.failure_domain
+    );
+    Ok(())
+}

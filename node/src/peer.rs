@@ -1,0 +1,203 @@
+//! A storage peer: the data dir lock, identity, block store, QUIC transport,
+//! gossip, replicated blocks and admin API, wired together and run until
+//! shut down.
+
+use std::fs::File;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use shoal_core::placement::Policy;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::blocks::{BlockConfig, Blocks, PeerHandler};
+use crate::gossip::{Gossip, GossipConfig, Member};
+use crate::identity::NodeIdentity;
+use crate::store::BlockStore;
+use crate::transport::{self, Timeouts, Transport};
+
+/// Everything a peer needs to start.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub dir: PathBuf,
+    pub ca_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub join: Vec<String>,
+    pub zone: String,
+    pub rack: String,
+    pub capacity: u64,
+    pub policy: Policy,
+    pub write_quorum: Option<usize>,
+    pub gossip: GossipConfig,
+}
+
+/// A running peer.
+#[derive(Debug)]
+pub struct Peer {
+    dir: PathBuf,
+    pub blocks: Arc<Blocks>,
+    gossip: Gossip,
+    transport: Arc<Transport>,
+    me: shoal_core::NodeId,
+    _lock: File,
+}
+
+/// Takes the data dir's lock, so two peers never share one store.
+fn lock_dir(dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    let path = dir.join("peer.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let pid = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "data dir {} is in use by another shoal peer (pid {})",
+            dir.display(),
+            pid.trim()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+impl Peer {
+    pub async fn start(config: PeerConfig) -> anyhow::Result<Self> {
+        let policy = config.policy;
+        if policy.replicas == 0 || policy.replicas > 7 {
+            bail!(
+                "replication must be between 1 and 7, got {}",
+                policy.replicas
+            );
+        }
+        let write_quorum = config.write_quorum.unwrap_or(policy.majority());
+        if write_quorum == 0 || write_quorum > policy.replicas {
+            bail!(
+                "write quorum must be between 1 and the replication factor {}, got {write_quorum}",
+                policy.replicas
+            );
+        }
+        let lock = lock_dir(&config.dir)?;
+        let identity = NodeIdentity::load_or_issue(&config.dir, &config.ca_dir)?;
+        let me = identity.node_id;
+        let store_dir = config.dir.join("blocks");
+        let store = Arc::new(
+            tokio::task::spawn_blocking(move || BlockStore::open(&store_dir, config.capacity))
+                .await??,
+        );
+        let transport = Transport::bind(&identity, config.listen, Timeouts::default())?;
+        let addr = transport.local_addr();
+        let generation = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
+        let member = Member {
+            id: me,
+            addr,
+            zone: config.zone.clone(),
+            rack: config.rack.clone(),
+            capacity: config.capacity,
+            generation,
+        };
+        let (datagram_tx, datagram_rx) = mpsc::channel(4096);
+        let used = {
+            let store = store.clone();
+            move || store.used()
+        };
+        let gossip = Gossip::start(
+            member,
+            config.gossip.clone(),
+            transport.clone(),
+            datagram_rx,
+            used,
+        );
+        let blocks = Blocks::new(
+            me,
+            BlockConfig {
+                policy,
+                write_quorum,
+                read_attempt_timeout: Duration::from_secs(2),
+            },
+            store,
+            transport.clone(),
+            gossip.clone(),
+        );
+        {
+            let (transport, handler) = (transport.clone(), Arc::new(PeerHandler(blocks.clone())));
+            tokio::spawn(async move { transport.serve(handler, datagram_tx).await });
+        }
+        let peer = Self {
+            dir: config.dir.clone(),
+            blocks,
+            gossip,
+            transport,
+            me,
+            _lock: lock,
+        };
+        peer.join(&config.join).await?;
+        info!(node = %me, %addr, zone = %config.zone, rack = %config.rack, "peer started");
+        Ok(peer)
+    }
+
+    pub fn node_id(&self) -> shoal_core::NodeId {
+        self.me
+    }
+
+    pub fn gossip(&self) -> &Gossip {
+        &self.gossip
+    }
+
+    /// Announces this peer to every reachable join address; fails only if
+    /// none can be reached.
+    async fn join(&self, join: &[String]) -> anyhow::Result<()> {
+        let own = self.transport.local_addr();
+        let mut errors = Vec::new();
+        let mut joined = false;
+        for target in join {
+            let addrs = match tokio::net::lookup_host(target.as_str()).await {
+                Ok(addrs) => addrs.collect::<Vec<_>>(),
+                Err(e) => {
+                    errors.push(format!("{target}: {e}"));
+                    continue;
+                }
+            };
+            for addr in addrs.into_iter().filter(|a| *a != own) {
+                match self.transport.connection(addr).await {
+                    Ok(conn) => match transport::remote_node_id(&conn) {
+                        Some(id) if id == self.me => {}
+                        Some(id) => {
+                            self.gossip.announce(id, addr).await;
+                            joined = true;
+                        }
+                        None => errors.push(format!("{addr}: presented no certificate")),
+                    },
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        if !join.is_empty() && !joined && !errors.is_empty() {
+            bail!("cannot join the cluster: {}", errors.join("; "));
+        }
+        for e in errors {
+            warn!("join: {e}");
+        }
+        Ok(())
+    }
+
+    /// Serves the admin API until `shutdown` resolves, then leaves the
+    /// cluster cleanly.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let result = crate::admin::serve(&self.dir, self.blocks.clone(), self.me, shutdown).await;
+        info!("leaving the cluster");
+        self.gossip.leave().await;
+        self.transport.close().await;
+        result
+    }
+}

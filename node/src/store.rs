@@ -1,0 +1,275 @@
+//! The local block store: one RocksDB per peer under its data dir.
+//!
+//! A block is acknowledged only once its write-ahead log record is synced.
+//! Capacity is enforced before anything is written, and every read is checked
+//! against the block's address, so a flipped bit on disk is reported as
+//! corruption rather than served.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, MergeOperands, Options, WriteBatch, WriteOptions};
+use shoal_core::Address;
+use shoal_core::block::{self, BlockError};
+
+const CF_BLOCKS: &str = "blocks";
+const CF_META: &str = "meta";
+const KEY_USED: &[u8] = b"used_bytes";
+/// Writers of the same address are serialised (so a block is counted once);
+/// writers of different addresses proceed in parallel and share WAL syncs.
+const STRIPES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "no space: this peer holds {used} of {capacity} bytes, a {needed}-byte block does not fit"
+    )]
+    NoSpace {
+        needed: u64,
+        used: u64,
+        capacity: u64,
+    },
+    #[error("the disk under the data dir is full: {0}")]
+    DiskFull(String),
+    #[error("block {0} is corrupt on this peer's disk")]
+    Corrupt(Address),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error("block store: {0}")]
+    Db(String),
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        let msg = e.into_string();
+        if msg.contains("No space left") {
+            StoreError::DiskFull(msg)
+        } else {
+            StoreError::Db(msg)
+        }
+    }
+}
+
+/// Immutable blocks stored on this peer.
+pub struct BlockStore {
+    db: DB,
+    capacity: u64,
+    used: AtomicU64,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for BlockStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockStore")
+            .field("capacity", &self.capacity)
+            .field("used", &self.used)
+            .finish()
+    }
+}
+
+fn add_counters(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let decode = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let total = operands.iter().fold(existing.map_or(0, decode), |acc, op| {
+        acc.saturating_add(decode(op))
+    });
+    Some(total.to_le_bytes().to_vec())
+}
+
+impl BlockStore {
+    /// Opens (or creates) the store in `dir` with room for `capacity` bytes
+    /// of blocks.
+    pub fn open(dir: &Path, capacity: u64) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(3);
+
+        // Block content is large, mostly ciphertext: keep it out of the LSM
+        // tree (blob files) so compaction does not rewrite it, and do not try
+        // to compress it.
+        let mut blocks = Options::default();
+        blocks.set_enable_blob_files(true);
+        blocks.set_min_blob_size(4096);
+        blocks.set_compression_type(rocksdb::DBCompressionType::None);
+        blocks.set_blob_compression_type(rocksdb::DBCompressionType::None);
+
+        let mut meta = Options::default();
+        meta.set_merge_operator_associative("add_i64", add_counters);
+
+        let db = DB::open_cf_descriptors(
+            &opts,
+            dir,
+            [
+                ColumnFamilyDescriptor::new(CF_BLOCKS, blocks),
+                ColumnFamilyDescriptor::new(CF_META, meta),
+            ],
+        )?;
+        let used = {
+            let cf = db.cf_handle(CF_META).expect("meta column family");
+            db.get_cf(cf, KEY_USED)?.map_or(0, |v| {
+                i64::from_le_bytes(v.try_into().unwrap_or([0; 8])).max(0) as u64
+            })
+        };
+        Ok(Self {
+            db,
+            capacity,
+            used: AtomicU64::new(used),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Stores an immutable block durably; returns its address. Storing a
+    /// block this peer already holds is a no-op that succeeds.
+    pub fn put(&self, data: &[u8]) -> Result<Address, StoreError> {
+        let address = block::check_new(data)?;
+        let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
+        if self.db.get_pinned_cf(blocks, address.as_bytes())?.is_some() {
+            return Ok(address);
+        }
+        let needed = data.len() as u64;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + needed <= self.capacity).then_some(used + needed)
+            })
+            .map_err(|used| StoreError::NoSpace {
+                needed,
+                used,
+                capacity: self.capacity,
+            })?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(blocks, address.as_bytes(), data);
+        batch.merge_cf(
+            self.db.cf_handle(CF_META).expect("meta column family"),
+            KEY_USED,
+            (needed as i64).to_le_bytes(),
+        );
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        if let Err(e) = self.db.write_opt(batch, &sync) {
+            self.used.fetch_sub(needed, Ordering::AcqRel);
+            return Err(e.into());
+        }
+        Ok(address)
+    }
+
+    /// Reads a block, verified against its address.
+    pub fn get(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError> {
+        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
+        let Some(data) = self.db.get_cf(blocks, address.as_bytes())? else {
+            return Ok(None);
+        };
+        block::verify(address, &data).map_err(|_| StoreError::Corrupt(*address))?;
+        Ok(Some(data))
+    }
+
+    pub fn contains(&self, address: &Address) -> Result<bool, StoreError> {
+        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
+        Ok(self.db.get_pinned_cf(blocks, address.as_bytes())?.is_some())
+    }
+
+    /// Addresses of stored blocks after `start_after`, in order, at most
+    /// `limit` of them.
+    pub fn list(
+        &self,
+        start_after: Option<&Address>,
+        limit: usize,
+    ) -> Result<Vec<Address>, StoreError> {
+        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
+        let mut iter = self.db.raw_iterator_cf(blocks);
+        match start_after {
+            Some(a) => {
+                iter.seek(a.as_bytes());
+                if iter.key() == Some(a.as_bytes().as_slice()) {
+                    iter.next();
+                }
+            }
+            None => iter.seek_to_first(),
+        }
+        let mut out = Vec::with_capacity(limit.min(4096));
+        while out.len() < limit {
+            let Some(key) = iter.key() else { break };
+            if let Ok(a) = Address::from_slice(key) {
+                out.push(a);
+            }
+            iter.next();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
+    /// Overwrites a stored block's bytes without any check: lets tests model
+    /// a disk that flipped bits.
+    #[cfg(test)]
+    fn corrupt_for_test(&self, address: &Address, data: &[u8]) {
+        let blocks = self.db.cf_handle(CF_BLOCKS).unwrap();
+        self.db.put_cf(blocks, address.as_bytes(), data).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_survive_reopen_and_are_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
+            let a = store.put(b"hello").unwrap();
+            store.put(b"hello").unwrap();
+            assert_eq!(store.used(), 5);
+            a
+        };
+        let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.used(), 5);
+        assert_eq!(store.get(&a).unwrap().unwrap(), b"hello");
+        assert!(store.get(&Address::of(b"other")).unwrap().is_none());
+        let b = store.put(b"world").unwrap();
+        let mut all = vec![a, b];
+        all.sort();
+        assert_eq!(store.list(None, 10).unwrap(), all);
+        assert_eq!(store.list(Some(&all[0]), 10).unwrap(), vec![all[1]]);
+        assert_eq!(store.list(None, 1).unwrap(), vec![all[0]]);
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_blocks_and_keeps_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path(), 100).unwrap();
+        let kept = store.put(&[1u8; 60]).unwrap();
+        let err = store.put(&[2u8; 60]).unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::NoSpace {
+                needed: 60,
+                used: 60,
+                capacity: 100
+            }
+        ));
+        assert!(err.to_string().starts_with("no space"));
+        assert_eq!(store.get(&kept).unwrap().unwrap(), vec![1u8; 60]);
+        assert_eq!(store.used(), 60);
+    }
+
+    #[test]
+    fn corrupt_bytes_on_disk_are_reported_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
+        let a = store.put(b"precious").unwrap();
+        store.corrupt_for_test(&a, b"prec1ous");
+        assert!(matches!(store.get(&a), Err(StoreError::Corrupt(_))));
+    }
+}
