@@ -11,7 +11,8 @@ use shoal_proto::admin::admin_client::AdminClient;
 use shoal_proto::admin::admin_server::{Admin, AdminServer};
 use shoal_proto::admin::{
     GetBlockReply, GetBlockRequest, ListLocalBlocksReply, ListLocalBlocksRequest, LocateBlockReply,
-    LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, StatusReply, StatusRequest,
+    LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, SetDrainingReply,
+    SetDrainingRequest, StatusReply, StatusRequest,
 };
 use tokio::net::UnixStream;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -19,6 +20,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::blocks::{BlockError, Blocks};
+use crate::gossip::Gossip;
 
 pub const SOCKET_FILE: &str = "admin.sock";
 /// Admin messages carry whole blocks.
@@ -31,6 +33,7 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 #[derive(Debug)]
 struct AdminService {
     blocks: Arc<Blocks>,
+    gossip: Gossip,
     me: shoal_core::NodeId,
 }
 
@@ -152,6 +155,16 @@ impl Admin for AdminService {
             next_start_after,
         }))
     }
+
+    async fn set_draining(
+        &self,
+        request: Request<SetDrainingRequest>,
+    ) -> Result<Response<SetDrainingReply>, Status> {
+        self.gossip
+            .set_draining(request.into_inner().draining)
+            .await;
+        Ok(Response::new(SetDrainingReply {}))
+    }
 }
 
 /// Page size of `ListLocalBlocks` when the caller sets none, and its cap.
@@ -161,6 +174,7 @@ const LIST_PAGE: usize = 10_000;
 pub async fn serve(
     dir: &Path,
     blocks: Arc<Blocks>,
+    gossip: Gossip,
     me: shoal_core::NodeId,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -169,7 +183,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot bind admin socket {}: {e}", path.display()))?;
-    let service = AdminServer::new(AdminService { blocks, me })
+    let service = AdminServer::new(AdminService { blocks, gossip, me })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()

@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use shoal_core::Address;
 use shoal_core::placement::{FailureDomain, Policy};
-use shoal_proto::admin::{GetBlockRequest, LocateBlockRequest, PutBlockRequest, StatusRequest};
+use shoal_proto::admin::{
+    GetBlockRequest, LocateBlockRequest, PutBlockRequest, SetDrainingRequest, StatusRequest,
+};
 
 use crate::cluster::{self, ClusterUp};
 use crate::gossip::GossipConfig;
@@ -57,6 +59,10 @@ enum ClusterCommand {
 enum NodeCommand {
     /// Run one storage peer in the foreground.
     Run(NodeRun),
+    /// Stop placing new blocks on a peer; it keeps serving what it holds.
+    Drain(PeerArgs),
+    /// Return a drained peer to service.
+    Undrain(PeerArgs),
 }
 
 /// Replication policy flags, shared by `node run` and `cluster up`.
@@ -190,6 +196,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging();
             run_node(args).await
         }
+        Command::Node(NodeCommand::Drain(peer)) => set_draining(&peer.dir, true).await,
+        Command::Node(NodeCommand::Undrain(peer)) => set_draining(&peer.dir, false).await,
         Command::Status(peer) => status(&peer.dir).await,
         Command::Block(BlockCommand::Put { file, peer }) => {
             let data =
@@ -283,6 +291,23 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+async fn set_draining(dir: &Path, draining: bool) -> anyhow::Result<()> {
+    admin::connect(dir)
+        .await?
+        .set_draining(SetDrainingRequest { draining })
+        .await
+        .map_err(status_error)?;
+    println!(
+        "{}",
+        if draining {
+            "draining: no new blocks will be placed on this peer"
+        } else {
+            "back in service"
+        }
+    );
+    Ok(())
 }
 
 async fn status(dir: &Path) -> anyhow::Result<()> {

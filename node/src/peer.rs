@@ -194,7 +194,14 @@ impl Peer {
     /// Serves the admin API until `shutdown` resolves, then leaves the
     /// cluster cleanly.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        let result = crate::admin::serve(&self.dir, self.blocks.clone(), self.me, shutdown).await;
+        let result = crate::admin::serve(
+            &self.dir,
+            self.blocks.clone(),
+            self.gossip.clone(),
+            self.me,
+            shutdown,
+        )
+        .await;
         info!("leaving the cluster");
         self.gossip.leave().await;
         self.transport.close().await;
