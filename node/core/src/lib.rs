@@ -5,10 +5,14 @@
 //! - [`membership`]: a peer's view of the cluster: nodes, topology, state.
 //! - [`placement`]: which nodes hold a block, computed locally by any peer.
 //! - [`block`]: validation of immutable blocks.
+//! - [`mutable`]: signed, versioned mutable blocks and their rules.
+//! - [`paxos`]: per-block Multi-Paxos as a pure state machine.
 
 pub mod address;
 pub mod block;
 pub mod membership;
+pub mod mutable;
+pub mod paxos;
 pub mod placement;
 
 pub use address::{Address, AddressParseError};

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 /// A node's identity: the first 16 bytes of blake3 of its TLS public key, so a
 /// node id is bound to the certificate the cluster CA signed.
 #[derive(
-    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+    Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct NodeId(pub [u8; 16]);
 

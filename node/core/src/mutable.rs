@@ -1,0 +1,365 @@
+//! Mutable blocks: a fixed address, a version that only moves forward, a
+//! payload, and an access list, signed by a writer the access list allows.
+//!
+//! The address is derived from the owner's key and a random salt, so nobody
+//! else can claim it. The owner signs the access list; each version is
+//! signed by its writer. Replicas check a new version against the current
+//! one before accepting it, and readers check every block they are given:
+//! nothing is trusted because of where it came from.
+
+use std::fmt;
+
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+
+use crate::Address;
+
+/// An ed25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", hex::encode(&self.0[..6]))
+    }
+}
+
+/// An ed25519 signature.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signature(pub [u8; 64]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({}..)", hex::encode(&self.0[..4]))
+    }
+}
+
+/// Who may write a block: its owner (who alone may change this list) and
+/// the writers the owner names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Acl {
+    pub owner: PublicKey,
+    pub writers: Vec<PublicKey>,
+    /// Grows with every change of the list, so an old list cannot be
+    /// replayed.
+    pub epoch: u64,
+    /// The owner's signature over (address, epoch, writers).
+    pub owner_signature: Signature,
+}
+
+impl Acl {
+    pub fn allows(&self, key: &PublicKey) -> bool {
+        self.owner == *key || self.writers.contains(key)
+    }
+
+    fn signed_bytes(address: &Address, epoch: u64, writers: &[PublicKey]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(64 + 32 * writers.len());
+        bytes.extend_from_slice(b"shoal/acl/v1");
+        bytes.extend_from_slice(address.as_bytes());
+        bytes.extend_from_slice(&epoch.to_le_bytes());
+        for w in writers {
+            bytes.extend_from_slice(&w.0);
+        }
+        bytes
+    }
+
+    /// A digest of the whole list, signature included.
+    fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.owner.0);
+        h.update(&self.epoch.to_le_bytes());
+        h.update(&(self.writers.len() as u64).to_le_bytes());
+        for w in &self.writers {
+            h.update(&w.0);
+        }
+        h.update(&self.owner_signature.0);
+        *h.finalize().as_bytes()
+    }
+}
+
+/// One version of a mutable block.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MutableBlock {
+    pub address: Address,
+    /// With the owner's key, determines the address.
+    pub salt: [u8; 16],
+    pub version: u64,
+    pub payload: Vec<u8>,
+    pub acl: Acl,
+    pub signer: PublicKey,
+    /// The signer's signature over (address, version, payload hash, ACL).
+    pub signature: Signature,
+}
+
+/// Why a mutable block is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MutableError {
+    #[error("address does not belong to the block's owner")]
+    ForeignAddress,
+    #[error("access list is not signed by the block's owner")]
+    BadAclSignature,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("{0:?} may not write this block")]
+    NotAllowed(PublicKey),
+    #[error("only the owner may change the access list")]
+    AclChangeByWriter,
+    #[error("access list epoch {new} is older than {current}")]
+    StaleAcl { new: u64, current: u64 },
+    #[error("version {new} does not follow version {current}")]
+    VersionNotNext { new: u64, current: u64 },
+    #[error("a different block")]
+    OtherBlock,
+    #[error("payload of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed key or signature")]
+    Malformed,
+}
+
+/// The largest payload of a mutable block (directories and inodes are
+/// sharded well below this).
+pub const MAX_PAYLOAD: usize = 4 * 1024 * 1024;
+
+/// The address of the mutable block an owner creates with `salt`.
+pub fn derive_address(owner: &PublicKey, salt: &[u8; 16]) -> Address {
+    let mut h = blake3::Hasher::new();
+    h.update(b"shoal/mutable-address/v1");
+    h.update(&owner.0);
+    h.update(salt);
+    Address(*h.finalize().as_bytes())
+}
+
+fn verifying_key(key: &PublicKey) -> Result<VerifyingKey, MutableError> {
+    VerifyingKey::from_bytes(&key.0).map_err(|_| MutableError::Malformed)
+}
+
+fn verify_signature(key: &PublicKey, message: &[u8], sig: &Signature) -> Result<(), MutableError> {
+    let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
+    verifying_key(key)?
+        .verify(message, &sig)
+        .map_err(|_| MutableError::BadSignature)
+}
+
+impl MutableBlock {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(128);
+        bytes.extend_from_slice(b"shoal/mutable-block/v1");
+        bytes.extend_from_slice(self.address.as_bytes());
+        bytes.extend_from_slice(&self.version.to_le_bytes());
+        bytes.extend_from_slice(blake3::hash(&self.payload).as_bytes());
+        bytes.extend_from_slice(&self.acl.digest());
+        bytes
+    }
+
+    /// Checks the block on its own: the address is the owner's, the owner
+    /// signed the access list, the signer is allowed by it, and the
+    /// signature holds. What a reader checks of any block it is served.
+    pub fn verify(&self) -> Result<(), MutableError> {
+        if self.payload.len() > MAX_PAYLOAD {
+            return Err(MutableError::TooLarge(self.payload.len()));
+        }
+        if derive_address(&self.acl.owner, &self.salt) != self.address {
+            return Err(MutableError::ForeignAddress);
+        }
+        let acl_bytes = Acl::signed_bytes(&self.address, self.acl.epoch, &self.acl.writers);
+        verify_signature(&self.acl.owner, &acl_bytes, &self.acl.owner_signature)
+            .map_err(|_| MutableError::BadAclSignature)?;
+        if !self.acl.allows(&self.signer) {
+            return Err(MutableError::NotAllowed(self.signer));
+        }
+        verify_signature(&self.signer, &self.signed_bytes(), &self.signature)
+    }
+
+    /// Checks that `self` may follow `current` (the block's latest version,
+    /// or none for a new block): what a replica checks before accepting.
+    pub fn check_successor(&self, current: Option<&MutableBlock>) -> Result<(), MutableError> {
+        self.verify()?;
+        let Some(current) = current else {
+            return match self.version {
+                1 if self.signer == self.acl.owner => Ok(()),
+                1 => Err(MutableError::NotAllowed(self.signer)),
+                v => Err(MutableError::VersionNotNext { new: v, current: 0 }),
+            };
+        };
+        if self.address != current.address || self.acl.owner != current.acl.owner {
+            return Err(MutableError::OtherBlock);
+        }
+        if self.version != current.version + 1 {
+            return Err(MutableError::VersionNotNext {
+                new: self.version,
+                current: current.version,
+            });
+        }
+        // Authority comes from the version in force, not the new one.
+        if !current.acl.allows(&self.signer) {
+            return Err(MutableError::NotAllowed(self.signer));
+        }
+        if self.acl != current.acl {
+            if self.signer != current.acl.owner {
+                return Err(MutableError::AclChangeByWriter);
+            }
+            if self.acl.epoch <= current.acl.epoch {
+                return Err(MutableError::StaleAcl {
+                    new: self.acl.epoch,
+                    current: current.acl.epoch,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key that signs mutable blocks.
+#[derive(Clone)]
+pub struct WriterKey(SigningKey);
+
+impl fmt::Debug for WriterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WriterKey({:?})", self.public())
+    }
+}
+
+impl WriterKey {
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&secret))
+    }
+
+    pub fn secret(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key().to_bytes())
+    }
+
+    fn sign(&self, message: &[u8]) -> Signature {
+        Signature(self.0.sign(message).to_bytes())
+    }
+
+    /// An access list for `address` owned by this key.
+    pub fn sign_acl(&self, address: &Address, epoch: u64, writers: Vec<PublicKey>) -> Acl {
+        let owner_signature = self.sign(&Acl::signed_bytes(address, epoch, &writers));
+        Acl {
+            owner: self.public(),
+            writers,
+            epoch,
+            owner_signature,
+        }
+    }
+
+    /// Version 1 of a new block owned by this key.
+    pub fn create(
+        &self,
+        salt: [u8; 16],
+        writers: Vec<PublicKey>,
+        payload: Vec<u8>,
+    ) -> MutableBlock {
+        let address = derive_address(&self.public(), &salt);
+        let acl = self.sign_acl(&address, 1, writers);
+        self.sign_block(address, salt, 1, payload, acl)
+    }
+
+    /// The version after `current` with `payload`, same access list.
+    pub fn write_after(&self, current: &MutableBlock, payload: Vec<u8>) -> MutableBlock {
+        self.sign_block(
+            current.address,
+            current.salt,
+            current.version + 1,
+            payload,
+            current.acl.clone(),
+        )
+    }
+
+    pub fn sign_block(
+        &self,
+        address: Address,
+        salt: [u8; 16],
+        version: u64,
+        payload: Vec<u8>,
+        acl: Acl,
+    ) -> MutableBlock {
+        let mut block = MutableBlock {
+            address,
+            salt,
+            version,
+            payload,
+            acl,
+            signer: self.public(),
+            signature: Signature([0; 64]),
+        };
+        block.signature = self.sign(&block.signed_bytes());
+        block
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> WriterKey {
+        WriterKey::from_secret([n; 32])
+    }
+
+    #[test]
+    fn a_created_block_verifies_and_its_successors_chain() {
+        let owner = key(1);
+        let writer = key(2);
+        let v1 = owner.create([9; 16], vec![writer.public()], b"one".to_vec());
+        v1.check_successor(None).unwrap();
+        let v2 = writer.write_after(&v1, b"two".to_vec());
+        v2.check_successor(Some(&v1)).unwrap();
+        let v3 = owner.write_after(&v2, b"three".to_vec());
+        v3.check_successor(Some(&v2)).unwrap();
+    }
+
+    #[test]
+    fn forged_unauthorised_and_replayed_versions_are_refused() {
+        let owner = key(1);
+        let stranger = key(3);
+        let v1 = owner.create([9; 16], vec![], b"one".to_vec());
+        let v2 = owner.write_after(&v1, b"two".to_vec());
+
+        // A stranger's write.
+        let bad = stranger.write_after(&v1, b"mine".to_vec());
+        assert_eq!(
+            bad.check_successor(Some(&v1)),
+            Err(MutableError::NotAllowed(stranger.public()))
+        );
+        // Payload changed after signing.
+        let mut forged = v2.clone();
+        forged.payload = b"tampered".to_vec();
+        assert_eq!(forged.verify(), Err(MutableError::BadSignature));
+        // An old version replayed over a newer one.
+        assert!(matches!(
+            v1.check_successor(Some(&v2)),
+            Err(MutableError::VersionNotNext { new: 1, current: 2 })
+        ));
+        // A stranger claiming the owner's address with its own access list.
+        let mut claimed = stranger.create([9; 16], vec![], b"x".to_vec());
+        claimed.address = v1.address;
+        assert_eq!(claimed.verify(), Err(MutableError::ForeignAddress));
+    }
+
+    #[test]
+    fn only_the_owner_changes_the_access_list_and_never_back() {
+        let owner = key(1);
+        let writer = key(2);
+        let v1 = owner.create([5; 16], vec![writer.public()], vec![]);
+        // A writer may not add itself another writer.
+        let acl = Acl {
+            writers: vec![writer.public(), key(4).public()],
+            ..v1.acl.clone()
+        };
+        let grab = writer.sign_block(v1.address, v1.salt, 2, vec![], acl);
+        assert!(grab.check_successor(Some(&v1)).is_err());
+        // The owner revokes the writer; the revoked writer is then refused,
+        // and the old list cannot be replayed.
+        let revoked = owner.sign_acl(&v1.address, 2, vec![]);
+        let v2 = owner.sign_block(v1.address, v1.salt, 2, vec![], revoked);
+        v2.check_successor(Some(&v1)).unwrap();
+        let late = writer.sign_block(v1.address, v1.salt, 3, vec![], v1.acl.clone());
+        assert_eq!(
+            late.check_successor(Some(&v2)),
+            Err(MutableError::NotAllowed(writer.public()))
+        );
+    }
+}
