@@ -130,8 +130,22 @@ impl TestCluster {
     pub async fn spawn(&mut self, spec: NodeSpec, join: Option<&str>) -> anyhow::Result<usize> {
         let index = self.peers.len();
         let dir = self.root.path().join(format!("node-{}", index + 1));
+        let peer = self.launch(spec, dir, join).await?;
+        self.peers.push(peer);
+        Ok(index)
+    }
+
+    async fn launch(
+        &self,
+        spec: NodeSpec,
+        dir: PathBuf,
+        join: Option<&str>,
+    ) -> anyhow::Result<PeerProcess> {
         std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("peer.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("peer.log"))?;
         let mut cmd = Command::new(shoal_bin());
         cmd.args(["node", "run", "--listen", "127.0.0.1:0"])
             .arg("--dir")
@@ -159,8 +173,7 @@ impl TestCluster {
             child: Some(child),
         };
         peer.addr = own_address(&mut peer, Duration::from_secs(30)).await?;
-        self.peers.push(peer);
-        Ok(index)
+        Ok(peer)
     }
 
     /// Waits until every running peer sees every running peer alive.
@@ -203,6 +216,24 @@ impl TestCluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Starts peer `i` again on its data dir (after [`Self::kill`]), joining
+    /// another running peer, and waits until it answers.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(self.peers[i].child.is_none(), "peer {i} is running");
+        let mut join = None;
+        for (j, p) in self.peers.iter_mut().enumerate() {
+            if j != i && p.is_running() {
+                join = Some(p.addr.clone());
+                break;
+            }
+        }
+        let spec = self.peers[i].spec.clone();
+        let dir = self.peers[i].dir.clone();
+        let mut peer = self.launch(spec, dir, join.as_deref()).await?;
+        std::mem::swap(&mut self.peers[i], &mut peer);
+        Ok(())
     }
 
     /// Kills peer `i` with SIGKILL: no chance to flush or say goodbye.

@@ -10,9 +10,10 @@ use shoal_core::{Address, NodeInfo, NodeState};
 use shoal_proto::admin::admin_client::AdminClient;
 use shoal_proto::admin::admin_server::{Admin, AdminServer};
 use shoal_proto::admin::{
-    GetBlockReply, GetBlockRequest, ListLocalBlocksReply, ListLocalBlocksRequest, LocateBlockReply,
-    LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, SetDrainingReply,
-    SetDrainingRequest, StatusReply, StatusRequest,
+    GetBlockReply, GetBlockRequest, GetMutableReply, GetMutableRequest, ListLocalBlocksReply,
+    ListLocalBlocksRequest, LocateBlockReply, LocateBlockRequest, Member, PutBlockReply,
+    PutBlockRequest, PutMutableReply, PutMutableRequest, SetDrainingReply, SetDrainingRequest,
+    StatusReply, StatusRequest, put_mutable_reply,
 };
 use tokio::net::UnixStream;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -20,7 +21,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::blocks::{BlockError, Blocks};
+use crate::consensus::{Consensus, ConsensusError, PutOutcome};
 use crate::gossip::Gossip;
+use crate::wire;
 
 pub const SOCKET_FILE: &str = "admin.sock";
 /// Admin messages carry whole blocks.
@@ -33,6 +36,7 @@ pub fn socket_path(dir: &Path) -> PathBuf {
 #[derive(Debug)]
 struct AdminService {
     blocks: Arc<Blocks>,
+    consensus: Arc<Consensus>,
     gossip: Gossip,
     me: shoal_core::NodeId,
 }
@@ -165,6 +169,53 @@ impl Admin for AdminService {
             .await;
         Ok(Response::new(SetDrainingReply {}))
     }
+
+    async fn put_mutable(
+        &self,
+        request: Request<PutMutableRequest>,
+    ) -> Result<Response<PutMutableReply>, Status> {
+        let block = request
+            .into_inner()
+            .block
+            .ok_or_else(|| Status::invalid_argument("no block given"))?;
+        let block = wire::block_from_wire(block).map_err(|e| match e {
+            wire::WireError::Malformed(_) => Status::invalid_argument(e.to_string()),
+            wire::WireError::Unverified { .. } => Status::permission_denied(e.to_string()),
+        })?;
+        let outcome = match self.consensus.put(block).await.map_err(consensus_status)? {
+            PutOutcome::Written(b) => put_mutable_reply::Outcome::Written(wire::block_to_wire(&b)),
+            PutOutcome::Conflict(b) => {
+                put_mutable_reply::Outcome::Conflict(wire::block_to_wire(&b))
+            }
+        };
+        Ok(Response::new(PutMutableReply {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn get_mutable(
+        &self,
+        request: Request<GetMutableRequest>,
+    ) -> Result<Response<GetMutableReply>, Status> {
+        let address = parse_address(&request.into_inner().address)?;
+        let block = self
+            .consensus
+            .get(address)
+            .await
+            .map_err(consensus_status)?;
+        Ok(Response::new(GetMutableReply {
+            block: Some(wire::block_to_wire(&block)),
+        }))
+    }
+}
+
+fn consensus_status(e: ConsensusError) -> Status {
+    match e {
+        ConsensusError::NotFound(_) => Status::not_found(e.to_string()),
+        ConsensusError::Invalid(_) => Status::permission_denied(e.to_string()),
+        ConsensusError::Unavailable { .. } => Status::unavailable(e.to_string()),
+        ConsensusError::Indeterminate { .. } => Status::aborted(e.to_string()),
+    }
 }
 
 /// Page size of `ListLocalBlocks` when the caller sets none, and its cap.
@@ -174,6 +225,7 @@ const LIST_PAGE: usize = 10_000;
 pub async fn serve(
     dir: &Path,
     blocks: Arc<Blocks>,
+    consensus: Arc<Consensus>,
     gossip: Gossip,
     me: shoal_core::NodeId,
     shutdown: impl std::future::Future<Output = ()>,
@@ -183,9 +235,14 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot bind admin socket {}: {e}", path.display()))?;
-    let service = AdminServer::new(AdminService { blocks, gossip, me })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let service = AdminServer::new(AdminService {
+        blocks,
+        consensus,
+        gossip,
+        me,
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

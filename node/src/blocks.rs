@@ -17,11 +17,10 @@ use shoal_proto::peer::{
     PutBlocksReply, block_result, peer_request, peer_response,
 };
 use tokio::sync::mpsc;
-use tracing::debug;
 
 use crate::gossip::Gossip;
 use crate::store::{BlockStore, StoreError};
-use crate::transport::{Handler, Transport};
+use crate::transport::Transport;
 
 /// Why a block operation failed, as the caller should read it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -155,6 +154,16 @@ impl Blocks {
         );
         *cached = Some(trees.clone());
         trees
+    }
+
+    pub fn transport(&self) -> &Arc<Transport> {
+        &self.transport
+    }
+
+    /// The first `n` nodes for `address` over every known node, dead ones
+    /// included: stable while nodes come and go.
+    pub fn placement_for_reads(&self, address: &Address, n: usize) -> Vec<NodeId> {
+        self.trees().2.place(address, n)
     }
 
     /// The nodes a new block goes to.
@@ -479,7 +488,7 @@ impl Blocks {
     }
 
     /// Serves a put from another peer.
-    fn serve_put(&self, request: PutBlocks) -> PutBlocksReply {
+    pub(crate) fn serve_put(&self, request: PutBlocks) -> PutBlocksReply {
         let results = request
             .blocks
             .iter()
@@ -492,7 +501,7 @@ impl Blocks {
     }
 
     /// Serves a get from another peer.
-    fn serve_get(&self, request: GetBlocks) -> GetBlocksReply {
+    pub(crate) fn serve_get(&self, request: GetBlocks) -> GetBlocksReply {
         let results = request
             .addresses
             .iter()
@@ -566,34 +575,5 @@ pub fn error_response(code: ErrorCode, message: String) -> PeerResponse {
             code: code.into(),
             message,
         })),
-    }
-}
-
-/// Peer requests are served on the blocking pool: RocksDB calls block.
-#[derive(Debug)]
-pub struct PeerHandler(pub Arc<Blocks>);
-
-impl Handler for PeerHandler {
-    async fn handle(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
-        let blocks = self.0.clone();
-        let kind = request.kind;
-        let served = tokio::task::spawn_blocking(move || match kind {
-            Some(peer_request::Kind::PutBlocks(put)) => {
-                Some(peer_response::Kind::PutBlocks(blocks.serve_put(put)))
-            }
-            Some(peer_request::Kind::GetBlocks(get)) => {
-                Some(peer_response::Kind::GetBlocks(blocks.serve_get(get)))
-            }
-            None => None,
-        })
-        .await;
-        match served {
-            Ok(Some(kind)) => PeerResponse { kind: Some(kind) },
-            Ok(None) => {
-                debug!(%from, "empty request");
-                error_response(ErrorCode::Invalid, "empty request".into())
-            }
-            Err(e) => error_response(ErrorCode::Internal, e.to_string()),
-        }
     }
 }

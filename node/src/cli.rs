@@ -8,15 +8,17 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use shoal_core::Address;
+use shoal_core::mutable::{MutableBlock, PublicKey, WriterKey};
 use shoal_core::placement::{FailureDomain, Policy};
 use shoal_proto::admin::{
-    GetBlockRequest, LocateBlockRequest, PutBlockRequest, SetDrainingRequest, StatusRequest,
+    GetBlockRequest, GetMutableRequest, LocateBlockRequest, PutBlockRequest, PutMutableRequest,
+    SetDrainingRequest, StatusRequest, put_mutable_reply,
 };
 
 use crate::cluster::{self, ClusterUp};
 use crate::gossip::GossipConfig;
 use crate::peer::{Peer, PeerConfig};
-use crate::{admin, identity};
+use crate::{admin, identity, wire};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,9 +41,12 @@ enum Command {
     Node(NodeCommand),
     /// Show the cluster as a peer sees it.
     Status(PeerArgs),
-    /// Store and fetch immutable blocks.
+    /// Store and fetch immutable and mutable blocks.
     #[command(subcommand)]
     Block(BlockCommand),
+    /// Your writer key for mutable blocks.
+    #[command(subcommand)]
+    Key(KeyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,7 +148,107 @@ enum BlockCommand {
         #[command(flatten)]
         peer: PeerArgs,
     },
+    /// Create a mutable block (owned by your key) holding FILE (or
+    /// nothing); prints its address.
+    Create {
+        file: Option<PathBuf>,
+        /// Public key (hex) of another writer allowed to write it (repeatable).
+        #[arg(long = "writer")]
+        writers: Vec<String>,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Replace a mutable block's content with FILE if its version is still
+    /// V (compare-and-set); prints the new version. Exits 3 on a conflict.
+    Write {
+        address: String,
+        #[arg(long)]
+        expect_version: u64,
+        file: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Read a mutable block's current content (linearizable).
+    Read {
+        address: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Print version, owner, writers and signer instead of the content.
+        #[arg(long)]
+        meta: bool,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Print your public key (creating the key on first use): give it to an
+    /// owner who should let you write.
+    Show {
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct KeyArgs {
+    /// Your writer key (ed25519 secret, hex); created on first use.
+    #[arg(long = "key", env = "SHOAL_KEY", default_value_os_t = default_key_path())]
+    path: PathBuf,
+}
+
+fn default_key_path() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".shoal")
+        .join("writer.key")
+}
+
+/// Loads the writer key at `path`, creating it (mode 0600) if missing.
+fn load_key(path: &Path) -> anyhow::Result<WriterKey> {
+    if !path.exists() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let mut secret = [0u8; 32];
+        rand::fill(&mut secret);
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot create key {}", path.display()))?;
+        writeln!(f, "{}", hex::encode(secret))?;
+        eprintln!("created writer key {}", path.display());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key {}", path.display()))?;
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut secret)
+        .map_err(|_| anyhow::anyhow!("{}: not a writer key (64 hex digits)", path.display()))?;
+    Ok(WriterKey::from_secret(secret))
+}
+
+fn parse_public_key(s: &str) -> anyhow::Result<PublicKey> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut key)
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a public key (64 hex digits)"))?;
+    Ok(PublicKey(key))
+}
+
+/// A compare-and-set lost: exit status 3, so scripts can retry.
+#[derive(Debug, thiserror::Error)]
+#[error("conflict: {0}")]
+struct Conflict(String);
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     s.parse::<bytesize::ByteSize>()
@@ -165,7 +270,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("shoal: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<Conflict>() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -234,6 +343,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Key(KeyCommand::Show { key }) => {
+            println!("{}", hex::encode(load_key(&key.path)?.public().0));
+            Ok(())
+        }
+        Command::Block(BlockCommand::Create {
+            file,
+            writers,
+            key,
+            peer,
+        }) => {
+            let payload = match file {
+                Some(f) => {
+                    std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?
+                }
+                None => Vec::new(),
+            };
+            let writers = writers
+                .iter()
+                .map(|w| parse_public_key(w))
+                .collect::<Result<_, _>>()?;
+            let key = load_key(&key.path)?;
+            let mut salt = [0u8; 16];
+            rand::fill(&mut salt);
+            let block = key.create(salt, writers, payload);
+            put_mutable(&peer.dir, &block).await?;
+            println!("{}", block.address);
+            Ok(())
+        }
+        Command::Block(BlockCommand::Write {
+            address,
+            expect_version,
+            file,
+            key,
+            peer,
+        }) => {
+            let address: Address = address.parse()?;
+            let payload =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let key = load_key(&key.path)?;
+            let current = get_mutable(&peer.dir, &address).await?;
+            if current.version != expect_version {
+                return Err(Conflict(format!(
+                    "version {} is current, not {expect_version}",
+                    current.version
+                ))
+                .into());
+            }
+            let next = key.write_after(&current, payload);
+            let written = put_mutable(&peer.dir, &next).await?;
+            println!("{}", written.version);
+            Ok(())
+        }
+        Command::Block(BlockCommand::Read {
+            address,
+            output,
+            meta,
+            peer,
+        }) => {
+            let address: Address = address.parse()?;
+            let block = get_mutable(&peer.dir, &address).await?;
+            if meta {
+                println!("address  {}", block.address);
+                println!("version  {}", block.version);
+                println!("size     {}", block.payload.len());
+                println!("owner    {}", hex::encode(block.acl.owner.0));
+                for w in &block.acl.writers {
+                    println!("writer   {}", hex::encode(w.0));
+                }
+                println!("signer   {}", hex::encode(block.signer.0));
+                return Ok(());
+            }
+            match output {
+                Some(path) => std::fs::write(&path, &block.payload)
+                    .with_context(|| format!("cannot write {}", path.display())),
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&block.payload)?;
+                    Ok(())
+                }
+            }
+        }
         Command::Block(BlockCommand::Locate { address, peer }) => {
             let address: Address = address.parse()?;
             let reply = admin::connect(&peer.dir)
@@ -291,6 +481,50 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Proposes a signed version through the local peer; a lost
+/// compare-and-set is a [`Conflict`].
+async fn put_mutable(dir: &Path, block: &MutableBlock) -> anyhow::Result<MutableBlock> {
+    let reply = admin::connect(dir)
+        .await?
+        .put_mutable(PutMutableRequest {
+            block: Some(wire::block_to_wire(block)),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match reply.outcome {
+        Some(put_mutable_reply::Outcome::Written(b)) => Ok(wire::block_from_wire(b)?),
+        Some(put_mutable_reply::Outcome::Conflict(b)) => {
+            let current = wire::block_from_wire(b)?;
+            Err(Conflict(format!(
+                "version {} is current, not {}",
+                current.version,
+                block.version - 1
+            ))
+            .into())
+        }
+        None => anyhow::bail!("the peer gave no outcome"),
+    }
+}
+
+/// Reads a mutable block through the local peer, verifying it here too.
+async fn get_mutable(dir: &Path, address: &Address) -> anyhow::Result<MutableBlock> {
+    let reply = admin::connect(dir)
+        .await?
+        .get_mutable(GetMutableRequest {
+            address: address.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let block = wire::block_from_wire(reply.block.context("the peer gave no block")?)?;
+    anyhow::ensure!(
+        block.address == *address,
+        "the peer answered with another block"
+    );
+    Ok(block)
 }
 
 async fn set_draining(dir: &Path, draining: bool) -> anyhow::Result<()> {

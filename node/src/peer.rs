@@ -10,15 +10,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use shoal_core::NodeId;
 use shoal_core::placement::Policy;
+use shoal_proto::peer::{ErrorCode, PeerRequest, PeerResponse, peer_request, peer_response};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::blocks::{BlockConfig, Blocks, PeerHandler};
+use crate::blocks::{BlockConfig, Blocks, error_response};
+use crate::consensus::{self, Consensus, ConsensusConfig};
 use crate::gossip::{Gossip, GossipConfig, Member};
 use crate::identity::NodeIdentity;
 use crate::store::BlockStore;
-use crate::transport::{self, Timeouts, Transport};
+use crate::transport::{self, Handler, Timeouts, Transport};
 
 /// Everything a peer needs to start.
 #[derive(Debug, Clone)]
@@ -40,6 +43,7 @@ pub struct PeerConfig {
 pub struct Peer {
     dir: PathBuf,
     pub blocks: Arc<Blocks>,
+    pub consensus: Arc<Consensus>,
     gossip: Gossip,
     transport: Arc<Transport>,
     me: shoal_core::NodeId,
@@ -129,13 +133,27 @@ impl Peer {
             transport.clone(),
             gossip.clone(),
         );
+        let consensus = Consensus::new(
+            me,
+            ConsensusConfig {
+                replicas: policy.replicas,
+                round_timeout: Duration::from_millis(500),
+                deadline: Duration::from_secs(30),
+            },
+            blocks.clone(),
+        );
         {
-            let (transport, handler) = (transport.clone(), Arc::new(PeerHandler(blocks.clone())));
+            let handler = Arc::new(PeerService {
+                me,
+                blocks: blocks.clone(),
+            });
+            let transport = transport.clone();
             tokio::spawn(async move { transport.serve(handler, datagram_tx).await });
         }
         let peer = Self {
             dir: config.dir.clone(),
             blocks,
+            consensus,
             gossip,
             transport,
             me,
@@ -197,6 +215,7 @@ impl Peer {
         let result = crate::admin::serve(
             &self.dir,
             self.blocks.clone(),
+            self.consensus.clone(),
             self.gossip.clone(),
             self.me,
             shutdown,
@@ -206,5 +225,41 @@ impl Peer {
         self.gossip.leave().await;
         self.transport.close().await;
         result
+    }
+}
+
+/// What a peer serves to other peers: immutable blocks and the acceptor side
+/// of mutable blocks. RocksDB calls block, so requests run on the blocking
+/// pool.
+#[derive(Debug)]
+struct PeerService {
+    me: NodeId,
+    blocks: Arc<Blocks>,
+}
+
+impl Handler for PeerService {
+    async fn handle(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
+        let (blocks, me) = (self.blocks.clone(), self.me);
+        let served = tokio::task::spawn_blocking(move || match request.kind {
+            Some(peer_request::Kind::PutBlocks(put)) => {
+                Ok(peer_response::Kind::PutBlocks(blocks.serve_put(put)))
+            }
+            Some(peer_request::Kind::GetBlocks(get)) => {
+                Ok(peer_response::Kind::GetBlocks(blocks.serve_get(get)))
+            }
+            Some(peer_request::Kind::Paxos(paxos)) => {
+                consensus::serve(&blocks, me, paxos).map(peer_response::Kind::Paxos)
+            }
+            None => Err("empty request".to_string()),
+        })
+        .await;
+        match served {
+            Ok(Ok(kind)) => PeerResponse { kind: Some(kind) },
+            Ok(Err(e)) => {
+                debug!(%from, "request failed: {e}");
+                error_response(ErrorCode::Internal, e)
+            }
+            Err(e) => error_response(ErrorCode::Internal, e.to_string()),
+        }
     }
 }

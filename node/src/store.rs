@@ -15,6 +15,8 @@ use shoal_core::block::{self, BlockError};
 
 const CF_BLOCKS: &str = "blocks";
 const CF_META: &str = "meta";
+/// Paxos acceptor state of mutable blocks, by address.
+const CF_PAXOS: &str = "paxos";
 const KEY_USED: &[u8] = b"used_bytes";
 /// Writers of the same address are serialised (so a block is counted once);
 /// writers of different addresses proceed in parallel and share WAL syncs.
@@ -104,6 +106,7 @@ impl BlockStore {
             [
                 ColumnFamilyDescriptor::new(CF_BLOCKS, blocks),
                 ColumnFamilyDescriptor::new(CF_META, meta),
+                ColumnFamilyDescriptor::new(CF_PAXOS, Options::default()),
             ],
         )?;
         let used = {
@@ -178,6 +181,29 @@ impl BlockStore {
     pub fn contains(&self, address: &Address) -> Result<bool, StoreError> {
         let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
         Ok(self.db.get_pinned_cf(blocks, address.as_bytes())?.is_some())
+    }
+
+    /// Reads and updates the acceptor state of the mutable block at
+    /// `address` atomically with respect to other updates of it: `update`
+    /// gets the stored bytes (if any) and returns new bytes to store (synced
+    /// before this returns) or `None` to leave them, plus a result.
+    pub fn with_acceptor<R>(
+        &self,
+        address: &Address,
+        update: impl FnOnce(Option<&[u8]>) -> (Option<Vec<u8>>, R),
+    ) -> Result<R, StoreError> {
+        let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cf = self.db.cf_handle(CF_PAXOS).expect("paxos column family");
+        let current = self.db.get_pinned_cf(cf, address.as_bytes())?;
+        let (new, result) = update(current.as_deref());
+        if let Some(new) = new {
+            let mut sync = WriteOptions::default();
+            sync.set_sync(true);
+            self.db.put_cf_opt(cf, address.as_bytes(), new, &sync)?;
+        }
+        Ok(result)
     }
 
     /// Addresses of stored blocks after `start_after`, in order, at most

@@ -5,12 +5,23 @@
 
 #![allow(missing_debug_implementations)]
 
-/// Messages storage peers exchange over QUIC.
-pub mod peer {
-    tonic::include_proto!("shoal.peer.v1");
+/// Modules nested as the protobuf packages are, so generated code that
+/// refers across packages resolves.
+pub mod shoal {
+    pub mod peer {
+        pub mod v1 {
+            tonic::include_proto!("shoal.peer.v1");
+        }
+    }
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("shoal.admin.v1");
+        }
+    }
 }
 
+/// Messages storage peers exchange over QUIC.
+pub use shoal::peer::v1 as peer;
+
 /// The gRPC admin API a peer serves on the unix socket in its data dir.
-pub mod admin {
-    tonic::include_proto!("shoal.admin.v1");
-}
+pub use shoal::admin::v1 as admin;

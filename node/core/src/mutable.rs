@@ -83,10 +83,15 @@ pub struct MutableBlock {
     /// With the owner's key, determines the address.
     pub salt: [u8; 16],
     pub version: u64,
+    /// [`MutableBlock::digest`] of the version this one replaced (zeros for
+    /// version 1): the versions form a hash chain, so a version attests
+    /// which one it followed.
+    pub prev: [u8; 32],
     pub payload: Vec<u8>,
     pub acl: Acl,
     pub signer: PublicKey,
-    /// The signer's signature over (address, version, payload hash, ACL).
+    /// The signer's signature over (address, version, prev, payload hash,
+    /// ACL).
     pub signature: Signature,
 }
 
@@ -109,6 +114,8 @@ pub enum MutableError {
     VersionNotNext { new: u64, current: u64 },
     #[error("a different block")]
     OtherBlock,
+    #[error("version {0} was signed on top of another version than the current one")]
+    ForkedHistory(u64),
     #[error("payload of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
     TooLarge(usize),
     #[error("malformed key or signature")]
@@ -140,11 +147,18 @@ fn verify_signature(key: &PublicKey, message: &[u8], sig: &Signature) -> Result<
 }
 
 impl MutableBlock {
+    /// Identifies this version: a hash of its signature, which covers all
+    /// of its content.
+    pub fn digest(&self) -> [u8; 32] {
+        *blake3::hash(&self.signature.0).as_bytes()
+    }
+
     fn signed_bytes(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(128);
         bytes.extend_from_slice(b"shoal/mutable-block/v1");
         bytes.extend_from_slice(self.address.as_bytes());
         bytes.extend_from_slice(&self.version.to_le_bytes());
+        bytes.extend_from_slice(&self.prev);
         bytes.extend_from_slice(blake3::hash(&self.payload).as_bytes());
         bytes.extend_from_slice(&self.acl.digest());
         bytes
@@ -175,6 +189,7 @@ impl MutableBlock {
         self.verify()?;
         let Some(current) = current else {
             return match self.version {
+                1 if self.prev != [0; 32] => Err(MutableError::ForkedHistory(1)),
                 1 if self.signer == self.acl.owner => Ok(()),
                 1 => Err(MutableError::NotAllowed(self.signer)),
                 v => Err(MutableError::VersionNotNext { new: v, current: 0 }),
@@ -188,6 +203,9 @@ impl MutableBlock {
                 new: self.version,
                 current: current.version,
             });
+        }
+        if self.prev != current.digest() {
+            return Err(MutableError::ForkedHistory(self.version));
         }
         // Authority comes from the version in force, not the new one.
         if !current.acl.allows(&self.signer) {
@@ -255,7 +273,7 @@ impl WriterKey {
     ) -> MutableBlock {
         let address = derive_address(&self.public(), &salt);
         let acl = self.sign_acl(&address, 1, writers);
-        self.sign_block(address, salt, 1, payload, acl)
+        self.sign_block(address, salt, 1, [0; 32], payload, acl)
     }
 
     /// The version after `current` with `payload`, same access list.
@@ -264,6 +282,7 @@ impl WriterKey {
             current.address,
             current.salt,
             current.version + 1,
+            current.digest(),
             payload,
             current.acl.clone(),
         )
@@ -274,6 +293,7 @@ impl WriterKey {
         address: Address,
         salt: [u8; 16],
         version: u64,
+        prev: [u8; 32],
         payload: Vec<u8>,
         acl: Acl,
     ) -> MutableBlock {
@@ -281,6 +301,7 @@ impl WriterKey {
             address,
             salt,
             version,
+            prev,
             payload,
             acl,
             signer: self.public(),
@@ -333,6 +354,13 @@ mod tests {
             v1.check_successor(Some(&v2)),
             Err(MutableError::VersionNotNext { new: 1, current: 2 })
         ));
+        // A version signed on top of another branch of history.
+        let other_v2 = owner.write_after(&v1, b"other".to_vec());
+        let v3_on_other = owner.write_after(&other_v2, b"three".to_vec());
+        assert_eq!(
+            v3_on_other.check_successor(Some(&v2)),
+            Err(MutableError::ForkedHistory(3))
+        );
         // A stranger claiming the owner's address with its own access list.
         let mut claimed = stranger.create([9; 16], vec![], b"x".to_vec());
         claimed.address = v1.address;
@@ -349,14 +377,14 @@ mod tests {
             writers: vec![writer.public(), key(4).public()],
             ..v1.acl.clone()
         };
-        let grab = writer.sign_block(v1.address, v1.salt, 2, vec![], acl);
+        let grab = writer.sign_block(v1.address, v1.salt, 2, v1.digest(), vec![], acl);
         assert!(grab.check_successor(Some(&v1)).is_err());
         // The owner revokes the writer; the revoked writer is then refused,
         // and the old list cannot be replayed.
         let revoked = owner.sign_acl(&v1.address, 2, vec![]);
-        let v2 = owner.sign_block(v1.address, v1.salt, 2, vec![], revoked);
+        let v2 = owner.sign_block(v1.address, v1.salt, 2, v1.digest(), vec![], revoked);
         v2.check_successor(Some(&v1)).unwrap();
-        let late = writer.sign_block(v1.address, v1.salt, 3, vec![], v1.acl.clone());
+        let late = writer.sign_block(v1.address, v1.salt, 3, v2.digest(), vec![], v1.acl.clone());
         assert_eq!(
             late.check_successor(Some(&v2)),
             Err(MutableError::NotAllowed(writer.public()))

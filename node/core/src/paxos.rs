@@ -302,6 +302,23 @@ pub trait Update<V> {
     fn apply(&self, current: Option<&V>) -> Result<V, String>;
 }
 
+/// The plainest update: set `new` if the value is `expected`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CompareAndSet<T> {
+    pub expected: Option<T>,
+    pub new: T,
+}
+
+impl<T: Clone + Eq + Debug> Update<T> for CompareAndSet<T> {
+    fn apply(&self, current: Option<&T>) -> Result<T, String> {
+        if current == self.expected.as_ref() {
+            Ok(self.new.clone())
+        } else {
+            Err(format!("expected {:?}, found {current:?}", self.expected))
+        }
+    }
+}
+
 /// What a client asks of a block.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Op<U> {
@@ -410,6 +427,14 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
         } else {
             self.prepare()
         }
+    }
+
+    /// Gives up the current operation (the driver's deadline passed); the
+    /// next operation starts from phase 1.
+    pub fn abandon(&mut self) {
+        self.op = None;
+        self.phase = Phase::Idle;
+        self.leading = false;
     }
 
     /// After a backoff, or when the driver gives up waiting: start over
@@ -681,22 +706,7 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
 mod tests {
     use super::*;
 
-    /// Compare-and-set on a small integer: the model's value.
-    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-    struct Cas {
-        expected: Option<u8>,
-        new: u8,
-    }
-
-    impl Update<u8> for Cas {
-        fn apply(&self, current: Option<&u8>) -> Result<u8, String> {
-            if current.copied() == self.expected {
-                Ok(self.new)
-            } else {
-                Err(format!("expected {:?}, found {current:?}", self.expected))
-            }
-        }
-    }
+    type Cas = CompareAndSet<u8>;
 
     fn id(n: u8) -> NodeId {
         NodeId([n; 16])

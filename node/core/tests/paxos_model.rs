@@ -11,28 +11,14 @@ use std::time::Duration;
 
 use shoal_core::NodeId;
 use shoal_core::paxos::{
-    Acceptor, Action, Chosen, Config, Entry, Op, Outcome, Proposal, Proposer, Reply, Request,
-    Update,
+    Acceptor, Action, Chosen, CompareAndSet, Config, Entry, Op, Outcome, Proposal, Proposer, Reply,
+    Request,
 };
 use stateright::actor::{Actor, ActorModel, ActorModelState, Id, LossyNetwork, Network, Out};
 use stateright::{Checker, Expectation, Model};
 
 /// Compare-and-set on a small integer.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Cas {
-    expected: Option<u8>,
-    new: u8,
-}
-
-impl Update<u8> for Cas {
-    fn apply(&self, current: Option<&u8>) -> Result<u8, String> {
-        if current.copied() == self.expected {
-            Ok(self.new)
-        } else {
-            Err("conflict".into())
-        }
-    }
-}
+type Cas = CompareAndSet<u8>;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Msg {
@@ -309,7 +295,7 @@ fn no_two_states_are_chosen_for_one_slot_exhaustively() {
         .unwrap_or(14);
     let checker = model(false)
         .checker()
-        .threads(2)
+        .threads(1)
         .target_max_depth(depth)
         .spawn_bfs()
         .join();
@@ -326,7 +312,7 @@ fn no_two_states_are_chosen_for_one_slot_exhaustively() {
 fn no_two_states_are_chosen_for_one_slot_on_random_walks() {
     let checker = model(true)
         .checker()
-        .threads(2)
+        .threads(1)
         .target_max_depth(30)
         .target_state_count(3_000_000)
         .spawn_simulation(0x5ea1, stateright::UniformChooser)

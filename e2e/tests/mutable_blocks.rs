@@ -1,0 +1,324 @@
+//! Mutable blocks on real peer processes: signed compare-and-set through any
+//! peer, refusals of forged, unauthorised and replayed versions, concurrent
+//! writers that lose no acknowledged write while a replica dies, and
+//! acceptor state that survives SIGKILL.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use shoal_core::mutable::{MutableBlock, WriterKey};
+use shoal_e2e::{TestCluster, spread};
+use shoal_node::identity::NodeIdentity;
+use shoal_node::transport::{Timeouts, Transport};
+use shoal_node::{admin, wire};
+use shoal_proto::admin::{
+    GetMutableRequest, LocateBlockRequest, PutMutableRequest, put_mutable_reply,
+};
+use shoal_proto::peer::{self as pb, PeerRequest, paxos_reply, peer_request, peer_response};
+use tonic::Code;
+
+#[derive(Debug)]
+enum Put {
+    Written(MutableBlock),
+    Conflict(MutableBlock),
+}
+
+async fn put(dir: &Path, block: &MutableBlock) -> Result<Put, tonic::Status> {
+    let mut admin = admin::connect(dir)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let reply = admin
+        .put_mutable(PutMutableRequest {
+            block: Some(wire::block_to_wire(block)),
+        })
+        .await?
+        .into_inner();
+    Ok(match reply.outcome.expect("an outcome") {
+        put_mutable_reply::Outcome::Written(b) => Put::Written(wire::block_from_wire(b).unwrap()),
+        put_mutable_reply::Outcome::Conflict(b) => Put::Conflict(wire::block_from_wire(b).unwrap()),
+    })
+}
+
+async fn get(dir: &Path, block: &MutableBlock) -> Result<MutableBlock, tonic::Status> {
+    let mut admin = admin::connect(dir)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let reply = admin
+        .get_mutable(GetMutableRequest {
+            address: block.address.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(wire::block_from_wire(reply.block.expect("a block")).unwrap())
+}
+
+fn key(n: u8) -> WriterKey {
+    WriterKey::from_secret([n; 32])
+}
+
+fn counter(block: &MutableBlock) -> u64 {
+    u64::from_le_bytes(block.payload.as_slice().try_into().expect("8-byte counter"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_through_any_peer_and_refusals() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(&spread(3, 3), 3).await?;
+    let (owner, writer, stranger) = (key(1), key(2), key(3));
+    let v1 = owner.create([7; 16], vec![writer.public()], b"one".to_vec());
+    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Written(b) if b == v1));
+    for peer in 0..3 {
+        assert_eq!(
+            get(&cluster.peers[peer].dir, &v1).await?,
+            v1,
+            "read through peer {peer}"
+        );
+    }
+
+    // A permitted writer's compare-and-set lands; a stale one conflicts and
+    // is told the current version.
+    let v2 = writer.write_after(&v1, b"two".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[2].dir, &v2).await?,
+        Put::Written(_)
+    ));
+    let stale = owner.write_after(&v1, b"late".to_vec());
+    match put(&cluster.peers[1].dir, &stale).await? {
+        Put::Conflict(current) => assert_eq!(current, v2),
+        other => panic!("stale write was not refused: {other:?}"),
+    }
+    // Replaying an older version rolls nothing back: it is reported as
+    // the write it was (version 1 is in the history), and version 2 stays.
+    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Written(b) if b == v1));
+    assert_eq!(get(&cluster.peers[1].dir, &v1).await?, v2);
+
+    // Someone the access list does not name is refused.
+    let intruder = stranger.write_after(&v2, b"mine".to_vec());
+    let refused = put(&cluster.peers[0].dir, &intruder).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // A version changed after signing is refused.
+    let mut forged = owner.write_after(&v2, b"three".to_vec());
+    forged.payload = b"tampered".to_vec();
+    let refused = put(&cluster.peers[1].dir, &forged).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    // An unknown block is reported as such.
+    let unknown = owner.create([8; 16], vec![], vec![]);
+    assert_eq!(
+        get(&cluster.peers[2].dir, &unknown)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(get(&cluster.peers[0].dir, &v1).await?, v2);
+    Ok(())
+}
+
+/// A peer that skips its own checks and speaks Paxos straight to an
+/// acceptor is refused by the acceptor's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start(&spread(3, 3), 3).await?;
+    let owner = key(1);
+    let v1 = owner.create([3; 16], vec![], b"genuine".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[0].dir, &v1).await?,
+        Put::Written(_)
+    ));
+
+    // The malicious peer holds a real certificate of this cluster.
+    let scratch = tempfile::tempdir()?;
+    let rogue = NodeIdentity::load_or_issue(scratch.path(), cluster.root())?;
+    let transport = Transport::client(&rogue, Timeouts::default())?;
+    let base = wire::chosen_to_wire(&shoal_core::paxos::Chosen {
+        slot: 1,
+        value: Some(v1.clone()),
+        config: shoal_core::paxos::Config {
+            epoch: 1,
+            members: vec![],
+        },
+    });
+
+    let accept = |entry: pb::MutableBlock| PeerRequest {
+        kind: Some(peer_request::Kind::Paxos(pb::PaxosRequest {
+            address: v1.address.0.to_vec(),
+            kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
+                ballot: Some(pb::Ballot {
+                    round: u64::MAX,
+                    node: vec![0xEE; 16],
+                }),
+                base: Some(base.clone()),
+                entry: Some(pb::LogEntry {
+                    kind: Some(pb::log_entry::Kind::Write(entry)),
+                }),
+            })),
+        })),
+    };
+    let stranger = key(9).write_after(&v1, b"not yours".to_vec());
+    let mut tampered = wire::block_to_wire(&owner.write_after(&v1, b"honest".to_vec()));
+    tampered.payload = b"tampered".to_vec();
+    for forged in [wire::block_to_wire(&stranger), tampered] {
+        for peer in &cluster.peers {
+            let reply = transport
+                .request(peer.addr.parse()?, &accept(forged.clone()))
+                .await?;
+            match reply.kind {
+                Some(peer_response::Kind::Paxos(pb::PaxosReply {
+                    kind: Some(paxos_reply::Kind::Invalid(reason)),
+                })) => assert!(!reason.is_empty()),
+                other => panic!("forged version not refused: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        get(&cluster.peers[1].dir, &v1).await?,
+        v1,
+        "the block is untouched"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_increments_lose_no_acknowledged_write_while_a_replica_dies()
+-> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(&spread(5, 3), 3).await?;
+    let clients: Vec<WriterKey> = (10..14).map(key).collect();
+    let owner = key(1);
+    let start = owner.create(
+        [5; 16],
+        clients.iter().map(WriterKey::public).collect(),
+        0u64.to_le_bytes().to_vec(),
+    );
+    assert!(matches!(
+        put(&cluster.peers[0].dir, &start).await?,
+        Put::Written(_)
+    ));
+
+    // The replica to kill: one of the block's quorum, not peer 0.
+    let located = cluster.peers[0]
+        .admin()
+        .await?
+        .locate_block(LocateBlockRequest {
+            address: start.address.to_string(),
+        })
+        .await?
+        .into_inner();
+    let quorum: HashSet<String> = located.replicas.into_iter().map(|m| m.address).collect();
+    let victim = (1..5)
+        .find(|&i| quorum.contains(&cluster.peers[i].addr))
+        .expect("a replica besides peer 0");
+
+    let dirs: Arc<Vec<PathBuf>> = Arc::new(cluster.peers.iter().map(|p| p.dir.clone()).collect());
+    let acked = Arc::new(AtomicUsize::new(0));
+    let uncertain = Arc::new(AtomicUsize::new(0));
+    const PER_CLIENT: usize = 15;
+    let mut tasks = Vec::new();
+    for (c, client) in clients.into_iter().enumerate() {
+        let (dirs, acked, uncertain, start) = (
+            dirs.clone(),
+            acked.clone(),
+            uncertain.clone(),
+            start.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut current = start;
+            let mut peer = c % 4 + 1;
+            let mut mine = 0;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            // Bounded in attempts and time.
+            for _ in 0..2000 {
+                if mine == PER_CLIENT || Instant::now() > deadline {
+                    break;
+                }
+                let next =
+                    client.write_after(&current, (counter(&current) + 1).to_le_bytes().to_vec());
+                let outcome =
+                    tokio::time::timeout(Duration::from_secs(40), put(&dirs[peer], &next)).await;
+                match outcome {
+                    Ok(Ok(Put::Written(b))) => {
+                        current = b;
+                        mine += 1;
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Ok(Put::Conflict(b))) => current = b,
+                    Ok(Err(_)) | Err(_) => {
+                        // The write may or may not have landed; move to
+                        // another peer and reread.
+                        uncertain.fetch_add(1, Ordering::SeqCst);
+                        peer = peer % 4 + 1;
+                        if let Ok(b) = get(&dirs[0], &current).await {
+                            current = b;
+                        }
+                    }
+                }
+            }
+            mine
+        }));
+    }
+    // Kill a replica once the writers are well under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::SeqCst) < 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill(victim);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    let last = get(&cluster.peers[0].dir, &start).await?;
+    let acked = acked.load(Ordering::SeqCst);
+    let uncertain = uncertain.load(Ordering::SeqCst);
+    assert_eq!(total, acked);
+    assert_eq!(acked, 4 * PER_CLIENT, "every client finished");
+    // Every acknowledged increment is there; at most the uncertain ones
+    // (timed out, outcome unknown) may have landed on top.
+    let value = counter(&last) as usize;
+    assert!(
+        value >= acked && value <= acked + uncertain,
+        "counter {value}, acked {acked}, uncertain {uncertain}"
+    );
+    assert_eq!(
+        last.version as usize,
+        value + 1,
+        "one version per increment"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acceptors_keep_their_state_across_sigkill() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(&spread(3, 3), 3).await?;
+    let owner = key(1);
+    let mut block = owner.create([4; 16], vec![], b"v1".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[0].dir, &block).await?,
+        Put::Written(_)
+    ));
+    for v in 2..=5 {
+        block = owner.write_after(&block, format!("v{v}").into_bytes());
+        assert!(matches!(
+            put(&cluster.peers[0].dir, &block).await?,
+            Put::Written(_)
+        ));
+    }
+    // Kill two acceptors, bring them back, then take away the only one that
+    // never went down: the quorum left must remember version 5.
+    cluster.kill(1);
+    cluster.kill(2);
+    cluster.restart(1).await?;
+    cluster.restart(2).await?;
+    cluster.wait_until_joined(Duration::from_secs(60)).await?;
+    cluster.kill(0);
+    let read = get(&cluster.peers[1].dir, &block).await?;
+    assert_eq!(read, block);
+    let v6 = owner.write_after(&block, b"v6".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[2].dir, &v6).await?,
+        Put::Written(_)
+    ));
+    assert_eq!(get(&cluster.peers[1].dir, &block).await?, v6);
+    Ok(())
+}

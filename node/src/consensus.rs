@@ -1,0 +1,322 @@
+//! Mutable blocks across the cluster: the async driver of the pure Paxos
+//! core. Each block is decided by its own quorum (its replicas from
+//! placement); this peer serves as acceptor for the blocks it replicates and
+//! as proposer for the writes and reads its clients make.
+//!
+//! Clients sign versions themselves ([`PreSigned`]); the proposer only
+//! checks, at the moment it knows the current version, that the signed one
+//! follows it. A proposer that won phase 1 for a block keeps its ballot (and
+//! so pays one round trip per write) until another proposer preempts it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rand::RngExt;
+use shoal_core::mutable::MutableBlock;
+use shoal_core::paxos::{
+    Acceptor, Action, Chosen, Config, Op, Outcome, Proposer, Reply, Request, Update,
+};
+use shoal_core::{Address, NodeId, NodeState};
+use shoal_proto::peer::{self as pb, PeerRequest, PeerResponse, peer_request, peer_response};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::blocks::Blocks;
+use crate::wire;
+
+/// A version the client signed; it applies only on top of the version
+/// before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreSigned(pub MutableBlock);
+
+impl Update<MutableBlock> for PreSigned {
+    fn apply(&self, current: Option<&MutableBlock>) -> Result<MutableBlock, String> {
+        let expected = self.0.version.saturating_sub(1);
+        let have = current.map_or(0, |c| c.version);
+        if have != expected {
+            return Err(format!("version {have} is current, not {expected}"));
+        }
+        self.0.check_successor(current).map_err(|e| e.to_string())?;
+        Ok(self.0.clone())
+    }
+}
+
+impl PreSigned {
+    /// Whether this version was chosen, given the version now current (a
+    /// retry may find its earlier attempt finished by another proposer):
+    /// `Some(true)` it was, `Some(false)` it was not, `None` the history
+    /// has moved too far past it to tell.
+    fn landed(&self, current: &MutableBlock) -> Option<bool> {
+        let ours = &self.0;
+        match current.version.checked_sub(ours.version) {
+            None => Some(false),
+            Some(0) => Some(current == ours),
+            Some(1) => Some(current.prev == ours.digest()),
+            Some(_) => None,
+        }
+    }
+}
+
+/// How a put of a signed version ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The version is now current.
+    Written(MutableBlock),
+    /// The version it expected to follow is not current; this one is.
+    Conflict(MutableBlock),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("mutable block {0} not found")]
+    NotFound(Address),
+    #[error("refused: {0}")]
+    Invalid(String),
+    #[error("mutable block {address}: no quorum answered within {after:?}")]
+    Unavailable { address: Address, after: Duration },
+    #[error(
+        "mutable block {address}: the write may or may not have landed (version {current} is now current); read it to find out"
+    )]
+    Indeterminate { address: Address, current: u64 },
+}
+
+/// Tuning of the driver.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsensusConfig {
+    /// Replicas (and so acceptors) per block.
+    pub replicas: usize,
+    /// How long a phase waits for a quorum before it is retried.
+    pub round_timeout: Duration,
+    /// How long an operation may take in all.
+    pub deadline: Duration,
+}
+
+type SharedProposer = Arc<tokio::sync::Mutex<Proposer<MutableBlock, PreSigned>>>;
+
+/// Bound on cached proposers (one per block this peer wrote or read);
+/// idle ones are dropped past it.
+const MAX_PROPOSERS: usize = 10_000;
+
+#[derive(Debug)]
+pub struct Consensus {
+    me: NodeId,
+    config: ConsensusConfig,
+    blocks: Arc<Blocks>,
+    proposers: Mutex<HashMap<Address, SharedProposer>>,
+}
+
+impl Consensus {
+    pub fn new(me: NodeId, config: ConsensusConfig, blocks: Arc<Blocks>) -> Arc<Self> {
+        Arc::new(Self {
+            me,
+            config,
+            blocks,
+            proposers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The quorum a block starts with: its replicas from placement over
+    /// every known node (stable while nodes come and go).
+    fn initial_config(&self, address: &Address) -> Config {
+        Config {
+            epoch: 1,
+            members: self
+                .blocks
+                .placement_for_reads(address, self.config.replicas),
+        }
+    }
+
+    fn proposer(&self, address: Address) -> SharedProposer {
+        let mut proposers = self.proposers.lock().expect("proposer cache");
+        if proposers.len() >= MAX_PROPOSERS {
+            proposers.retain(|_, p| p.try_lock().map(|p| !p.is_idle()).unwrap_or(true));
+        }
+        proposers
+            .entry(address)
+            .or_insert_with(|| {
+                Arc::new(tokio::sync::Mutex::new(Proposer::new(
+                    self.me,
+                    Chosen::empty(self.initial_config(&address)),
+                )))
+            })
+            .clone()
+    }
+
+    /// Proposes a signed version: version 1 creates the block, version N+1
+    /// replaces version N if N is current.
+    pub async fn put(&self, block: MutableBlock) -> Result<PutOutcome, ConsensusError> {
+        block
+            .verify()
+            .map_err(|e| ConsensusError::Invalid(e.to_string()))?;
+        if block.version == 0 {
+            return Err(ConsensusError::Invalid("versions start at 1".into()));
+        }
+        let address = block.address;
+        let update = PreSigned(block);
+        match self.run(address, Op::Write(update.clone())).await? {
+            Outcome::Done(_) => Ok(PutOutcome::Written(update.0)),
+            Outcome::Refused { current, .. } => {
+                let current = current.value.ok_or(ConsensusError::NotFound(address))?;
+                match update.landed(&current) {
+                    Some(true) => Ok(PutOutcome::Written(update.0)),
+                    Some(false) => Ok(PutOutcome::Conflict(current)),
+                    None => Err(ConsensusError::Indeterminate {
+                        address,
+                        current: current.version,
+                    }),
+                }
+            }
+            Outcome::Invalid(reason) => Err(ConsensusError::Invalid(reason)),
+        }
+    }
+
+    /// A linearizable read of the block's current version.
+    pub async fn get(&self, address: Address) -> Result<MutableBlock, ConsensusError> {
+        match self.run(address, Op::Read).await? {
+            Outcome::Done(chosen)
+            | Outcome::Refused {
+                current: chosen, ..
+            } => chosen.value.ok_or(ConsensusError::NotFound(address)),
+            Outcome::Invalid(reason) => Err(ConsensusError::Invalid(reason)),
+        }
+    }
+
+    /// Drives one operation of the block's proposer to its outcome.
+    async fn run(
+        &self,
+        address: Address,
+        op: Op<PreSigned>,
+    ) -> Result<Outcome<MutableBlock>, ConsensusError> {
+        let shared = self.proposer(address);
+        let mut proposer = shared.lock().await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let mut backoffs = 0u32;
+        let mut actions = proposer.start(op);
+        loop {
+            let mut next = Vec::new();
+            for action in actions {
+                match action {
+                    Action::Send(to, request) => self.send(address, to, request, tx.clone()),
+                    Action::Backoff => {
+                        // Contention: wait a random, growing time so that
+                        // competing proposers stop preempting each other.
+                        backoffs += 1;
+                        let ceiling = 4u64 << backoffs.min(7);
+                        let wait = rand::rng().random_range(1..=ceiling);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        next.extend(proposer.retry());
+                    }
+                    Action::Finished(outcome) => return Ok(outcome),
+                }
+            }
+            if !next.is_empty() {
+                actions = next;
+                continue;
+            }
+            if started.elapsed() > self.config.deadline {
+                proposer.abandon();
+                return Err(ConsensusError::Unavailable {
+                    address,
+                    after: self.config.deadline,
+                });
+            }
+            actions = tokio::select! {
+                Some((from, reply)) = rx.recv() => proposer.on_reply(from, reply),
+                _ = tokio::time::sleep(self.config.round_timeout) => proposer.retry(),
+            };
+        }
+    }
+
+    /// Sends one request (to ourselves directly) and feeds the reply back.
+    fn send(
+        &self,
+        address: Address,
+        to: NodeId,
+        request: Request<MutableBlock>,
+        replies: mpsc::UnboundedSender<(NodeId, Reply<MutableBlock>)>,
+    ) {
+        let view = self.blocks.view();
+        let Some(node) = view.get(&to).cloned() else {
+            return;
+        };
+        if node.state == NodeState::Dead {
+            return;
+        }
+        let wire = wire::request_to_wire(&address, &request);
+        let blocks = self.blocks.clone();
+        let me = self.me;
+        tokio::spawn(async move {
+            let reply = if to == me {
+                tokio::task::spawn_blocking(move || serve(&blocks, me, wire))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+            } else {
+                let request = PeerRequest {
+                    kind: Some(peer_request::Kind::Paxos(wire)),
+                };
+                match blocks.transport().request(node.addr, &request).await {
+                    Ok(PeerResponse {
+                        kind: Some(peer_response::Kind::Paxos(reply)),
+                    }) => Ok(reply),
+                    Ok(_) => Err("unexpected answer".to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match reply.and_then(|r| wire::reply_from_wire(r).map_err(|e| e.to_string())) {
+                Ok(reply) => {
+                    let _ = replies.send((to, reply));
+                }
+                Err(e) => debug!(%to, %address, "paxos request: {e}"),
+            }
+        });
+    }
+}
+
+/// Serves a Paxos request as this block's acceptor: the state changes are
+/// synced to disk before the reply is returned. A malformed or forged
+/// request is answered `Invalid`; a local failure (the disk) is an error, so
+/// the proposer hears nothing from us and carries on with the others.
+pub fn serve(
+    blocks: &Blocks,
+    me: NodeId,
+    request: pb::PaxosRequest,
+) -> Result<pb::PaxosReply, String> {
+    let (address, request) = match wire::request_from_wire(request) {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(wire::reply_to_wire(&Reply::Invalid {
+                reason: e.to_string(),
+            }));
+        }
+    };
+    let result = blocks.store().with_acceptor(&address, |stored| {
+        let acceptor = match stored.map(pb::AcceptorState::decode) {
+            None => Ok(Acceptor::default()),
+            Some(Ok(state)) => wire::acceptor_from_wire(state).map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(e.to_string()),
+        };
+        let mut acceptor = match acceptor {
+            Ok(a) => a,
+            Err(e) => {
+                return (
+                    None,
+                    Err(format!("stored state of {address} is unreadable: {e}")),
+                );
+            }
+        };
+        let (reply, changed) = acceptor.handle(me, request, |current, next| {
+            next.check_successor(current).map_err(|e| e.to_string())
+        });
+        let stored = changed.then(|| wire::acceptor_to_wire(&acceptor).encode_to_vec());
+        (stored, Ok(reply))
+    });
+    match result {
+        Ok(Ok(reply)) => Ok(wire::reply_to_wire(&reply)),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(e.to_string()),
+    }
+}
