@@ -3,7 +3,7 @@
 # profile, so RocksDB is compiled once.
 CARGO ?= cargo
 
-.PHONY: deps up test bench sim lint
+.PHONY: deps up test bench bench-mutable sim lint
 
 deps:
 	@scripts/install-deps.sh
@@ -19,6 +19,10 @@ test: deps
 ## Benchmark replicated immutable blocks on a 3-peer loopback cluster.
 bench: deps
 	$(CARGO) run -p shoal-e2e --bin bench-blocks
+
+## Benchmark mutable blocks (per-block Multi-Paxos) on a 3-peer loopback cluster.
+bench-mutable: deps
+	$(CARGO) run -p shoal-e2e --bin bench-mutable
 
 ## Simulate placement and membership for 10,000 nodes.
 sim: deps

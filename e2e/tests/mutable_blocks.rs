@@ -89,9 +89,8 @@ async fn compare_and_set_through_any_peer_and_refusals() -> anyhow::Result<()> {
         Put::Conflict(current) => assert_eq!(current, v2),
         other => panic!("stale write was not refused: {other:?}"),
     }
-    // Replaying an older version rolls nothing back: it is reported as
-    // the write it was (version 1 is in the history), and version 2 stays.
-    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Written(b) if b == v1));
+    // Replaying an older version is a conflict, not a rollback.
+    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Conflict(c) if c == v2));
     assert_eq!(get(&cluster.peers[1].dir, &v1).await?, v2);
 
     // Someone the access list does not name is refused.

@@ -155,11 +155,36 @@ impl Consensus {
         }
         let address = block.address;
         let update = PreSigned(block);
-        match self.run(address, Op::Write(update.clone())).await? {
+        // Any chosen version an acceptor reports on the way may settle
+        // whether this write landed, should the outcome alone not tell.
+        let mut witness = None;
+        let outcome = self
+            .run(address, Op::Write(update.clone()), |reply| {
+                for chosen in reported_states(reply) {
+                    // Only versions at or past ours say anything about it.
+                    if let Some(v) = chosen
+                        .value
+                        .as_ref()
+                        .filter(|v| v.version >= update.0.version)
+                    {
+                        witness = witness.or(update.landed(v));
+                    }
+                }
+            })
+            .await?;
+        match outcome {
             Outcome::Done(_) => Ok(PutOutcome::Written(update.0)),
-            Outcome::Refused { current, .. } => {
+            Outcome::Refused {
+                current, attempted, ..
+            } => {
                 let current = current.value.ok_or(ConsensusError::NotFound(address))?;
-                match update.landed(&current) {
+                // Never sent out: no one else can have chosen it.
+                let landed = if attempted {
+                    update.landed(&current).or(witness)
+                } else {
+                    Some(false)
+                };
+                match landed {
                     Some(true) => Ok(PutOutcome::Written(update.0)),
                     Some(false) => Ok(PutOutcome::Conflict(current)),
                     None => Err(ConsensusError::Indeterminate {
@@ -174,7 +199,7 @@ impl Consensus {
 
     /// A linearizable read of the block's current version.
     pub async fn get(&self, address: Address) -> Result<MutableBlock, ConsensusError> {
-        match self.run(address, Op::Read).await? {
+        match self.run(address, Op::Read, |_| {}).await? {
             Outcome::Done(chosen)
             | Outcome::Refused {
                 current: chosen, ..
@@ -188,6 +213,7 @@ impl Consensus {
         &self,
         address: Address,
         op: Op<PreSigned>,
+        mut observe: impl FnMut(&Reply<MutableBlock>),
     ) -> Result<Outcome<MutableBlock>, ConsensusError> {
         let shared = self.proposer(address);
         let mut proposer = shared.lock().await;
@@ -224,7 +250,10 @@ impl Consensus {
                 });
             }
             actions = tokio::select! {
-                Some((from, reply)) = rx.recv() => proposer.on_reply(from, reply),
+                Some((from, reply)) = rx.recv() => {
+                    observe(&reply);
+                    proposer.on_reply(from, reply)
+                }
                 _ = tokio::time::sleep(self.config.round_timeout) => proposer.retry(),
             };
         }
@@ -273,6 +302,17 @@ impl Consensus {
                 Err(e) => debug!(%to, %address, "paxos request: {e}"),
             }
         });
+    }
+}
+
+/// The chosen states a reply carries.
+fn reported_states(reply: &Reply<MutableBlock>) -> Vec<&Chosen<MutableBlock>> {
+    match reply {
+        Reply::Promised { chosen, .. }
+        | Reply::Rejected { chosen, .. }
+        | Reply::State { chosen, .. } => chosen.iter().collect(),
+        Reply::NotMember { chosen } => vec![chosen],
+        Reply::Accepted { .. } | Reply::Invalid { .. } | Reply::Committed { .. } => Vec::new(),
     }
 }
 

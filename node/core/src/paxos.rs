@@ -334,7 +334,14 @@ pub enum Outcome<V> {
     /// Read: the current state. Write or reconfiguration: the state it made.
     Done(Chosen<V>),
     /// The update did not apply to the current state, which is given.
-    Refused { current: Chosen<V>, reason: String },
+    /// `attempted` says whether an earlier round of this operation had
+    /// already sent it out for acceptance: if so, another proposer may have
+    /// finished it, so it may be in the history behind `current`.
+    Refused {
+        current: Chosen<V>,
+        reason: String,
+        attempted: bool,
+    },
     /// An acceptor refused the entry itself (bad signature, no permission).
     Invalid(String),
 }
@@ -381,6 +388,8 @@ pub struct Proposer<V, U> {
     /// Phase 1 succeeded during the current operation: `known` is as fresh
     /// as a quorum can make it, so a refusal may be reported.
     confirmed: bool,
+    /// The current operation's own entry was sent out for acceptance.
+    attempted: bool,
     known: Chosen<V>,
     op: Option<Op<U>>,
     phase: Phase<V>,
@@ -396,6 +405,7 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
             max_round: 0,
             leading: false,
             confirmed: false,
+            attempted: false,
             known,
             op: None,
             phase: Phase::Idle,
@@ -418,6 +428,7 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
     pub fn start(&mut self, op: Op<U>) -> Vec<Action<V>> {
         debug_assert!(self.op.is_none(), "one operation at a time");
         self.confirmed = false;
+        self.attempted = false;
         let read = matches!(op, Op::Read);
         self.op = Some(op);
         if read {
@@ -479,6 +490,7 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
     }
 
     fn accept(&mut self, entry: Entry<V>, recovering: bool) -> Vec<Action<V>> {
+        self.attempted |= !recovering;
         let proposal = Proposal {
             ballot: self.ballot,
             slot: self.known.slot + 1,
@@ -516,6 +528,7 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
                     return self.finish(Outcome::Refused {
                         current: self.known.clone(),
                         reason,
+                        attempted: self.attempted,
                     });
                 }
             },
