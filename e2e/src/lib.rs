@@ -3,6 +3,8 @@
 //! driven through their admin sockets. Every process a harness starts, it
 //! stops (SIGKILL on drop).
 
+pub mod linearizability;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

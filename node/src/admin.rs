@@ -10,10 +10,10 @@ use shoal_core::{Address, NodeInfo, NodeState};
 use shoal_proto::admin::admin_client::AdminClient;
 use shoal_proto::admin::admin_server::{Admin, AdminServer};
 use shoal_proto::admin::{
-    GetBlockReply, GetBlockRequest, GetMutableReply, GetMutableRequest, ListLocalBlocksReply,
-    ListLocalBlocksRequest, LocateBlockReply, LocateBlockRequest, Member, PutBlockReply,
-    PutBlockRequest, PutMutableReply, PutMutableRequest, SetDrainingReply, SetDrainingRequest,
-    StatusReply, StatusRequest, put_mutable_reply,
+    GetBlockReply, GetBlockRequest, GetMutableReply, GetMutableRequest, IsolateReply,
+    IsolateRequest, ListLocalBlocksReply, ListLocalBlocksRequest, LocateBlockReply,
+    LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, PutMutableReply, PutMutableRequest,
+    SetDrainingReply, SetDrainingRequest, StatusReply, StatusRequest, put_mutable_reply,
 };
 use tokio::net::UnixStream;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -206,6 +206,23 @@ impl Admin for AdminService {
         Ok(Response::new(GetMutableReply {
             block: Some(wire::block_to_wire(&block)),
         }))
+    }
+
+    async fn isolate(
+        &self,
+        request: Request<IsolateRequest>,
+    ) -> Result<Response<IsolateReply>, Status> {
+        let peers = request
+            .into_inner()
+            .unreachable
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|_| Status::invalid_argument(format!("{a:?} is not a peer address")))
+            })
+            .collect::<Result<_, _>>()?;
+        self.blocks.transport().set_unreachable(peers);
+        Ok(Response::new(IsolateReply {}))
     }
 }
 

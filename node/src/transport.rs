@@ -2,7 +2,7 @@
 //! request per bidirectional stream (many streams share a connection, so
 //! callers pipeline freely), and unreliable datagrams for gossip.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -73,6 +73,8 @@ pub struct Transport {
     endpoint: Endpoint,
     connections: Mutex<HashMap<SocketAddr, Slot>>,
     timeouts: Timeouts,
+    /// Fault injection: peers we behave as if cut off from.
+    unreachable: Mutex<HashSet<SocketAddr>>,
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -128,6 +130,7 @@ impl Transport {
             endpoint,
             connections: Mutex::new(HashMap::new()),
             timeouts,
+            unreachable: Mutex::new(HashSet::new()),
         })
     }
 
@@ -139,6 +142,18 @@ impl Transport {
 
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
+    }
+
+    /// Fault injection: from now on, act as if partitioned from `peers`.
+    pub fn set_unreachable(&self, peers: HashSet<SocketAddr>) {
+        *self.unreachable.lock().expect("unreachable set") = peers;
+    }
+
+    fn is_unreachable(&self, addr: &SocketAddr) -> bool {
+        self.unreachable
+            .lock()
+            .expect("unreachable set")
+            .contains(addr)
     }
 
     /// An open connection to `addr`, reusing a cached one when it is alive.
@@ -178,6 +193,11 @@ impl Transport {
         request: &PeerRequest,
     ) -> Result<PeerResponse, TransportError> {
         let after = self.timeouts.request;
+        if self.is_unreachable(&addr) {
+            // As a partition does: no answer, until the caller gives up.
+            tokio::time::sleep(after).await;
+            return Err(TransportError::Timeout { addr, after });
+        }
         tokio::time::timeout(after, async {
             let conn = self.connection(addr).await?;
             let stream_err = |reason: String| TransportError::Stream { addr, reason };
@@ -204,6 +224,9 @@ impl Transport {
 
     /// Sends a gossip datagram; delivery is not guaranteed (nor needed).
     pub async fn send_datagram(&self, addr: SocketAddr, data: Bytes) -> Result<(), TransportError> {
+        if self.is_unreachable(&addr) {
+            return Ok(());
+        }
         let conn = self.connection(addr).await?;
         conn.send_datagram(data)
             .map_err(|e| TransportError::Stream {
