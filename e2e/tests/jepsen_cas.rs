@@ -27,7 +27,7 @@ fn counter(block: &MutableBlock) -> u64 {
 
 enum Put {
     Written,
-    Conflict(MutableBlock),
+    Conflict(Box<MutableBlock>),
 }
 
 async fn put(dir: &Path, block: &MutableBlock) -> anyhow::Result<Put> {
@@ -41,7 +41,9 @@ async fn put(dir: &Path, block: &MutableBlock) -> anyhow::Result<Put> {
     Ok(
         match reply.outcome.ok_or_else(|| anyhow::anyhow!("no outcome"))? {
             put_mutable_reply::Outcome::Written(_) => Put::Written,
-            put_mutable_reply::Outcome::Conflict(b) => Put::Conflict(wire::block_from_wire(b)?),
+            put_mutable_reply::Outcome::Conflict(b) => {
+                Put::Conflict(Box::new(wire::block_from_wire(b)?))
+            }
         },
     )
 }
