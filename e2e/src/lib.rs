@@ -95,12 +95,23 @@ pub struct TestCluster {
     root: tempfile::TempDir,
     pub peers: Vec<PeerProcess>,
     replicas: usize,
+    /// More `shoal node run` flags for every peer.
+    extra_args: Vec<String>,
 }
 
 impl TestCluster {
     /// Starts one peer per spec (all joining the first) with the given
     /// replication, and waits until every peer sees all of them alive.
     pub async fn start(specs: &[NodeSpec], replicas: usize) -> anyhow::Result<Self> {
+        Self::start_with(specs, replicas, &[]).await
+    }
+
+    /// [`Self::start`] with more `shoal node run` flags for every peer.
+    pub async fn start_with(
+        specs: &[NodeSpec],
+        replicas: usize,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let root = tempfile::Builder::new().prefix("shoal-e2e-").tempdir()?;
         let out = shoal(&[
             "cluster",
@@ -115,6 +126,7 @@ impl TestCluster {
             root,
             peers: Vec::new(),
             replicas,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         for spec in specs {
             let join = cluster.peers.first().map(|p| p.addr.clone());
@@ -157,6 +169,7 @@ impl TestCluster {
             .args(["--zone", &spec.zone, "--rack", &spec.rack])
             .args(["--capacity", &spec.capacity])
             .args(["--replicas", &self.replicas.to_string()])
+            .args(&self.extra_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

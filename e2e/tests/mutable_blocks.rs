@@ -3,7 +3,6 @@
 //! writers that lose no acknowledged write while a replica dies, and
 //! acceptor state that survives SIGKILL.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +52,23 @@ async fn get(dir: &Path, block: &MutableBlock) -> Result<MutableBlock, tonic::St
         .await?
         .into_inner();
     Ok(wire::block_from_wire(reply.block.expect("a block")).unwrap())
+}
+
+/// The peers (indexes) of a block's first quorum: its replicas by placement.
+async fn quorum_of(cluster: &TestCluster, block: &MutableBlock) -> anyhow::Result<Vec<usize>> {
+    let located = cluster.peers[0]
+        .admin()
+        .await?
+        .locate_block(LocateBlockRequest {
+            address: block.address.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(located
+        .replicas
+        .iter()
+        .filter_map(|m| cluster.peers.iter().position(|p| p.addr == m.address))
+        .collect())
 }
 
 fn key(n: u8) -> WriterKey {
@@ -197,17 +213,9 @@ async fn concurrent_increments_lose_no_acknowledged_write_while_a_replica_dies()
     ));
 
     // The replica to kill: one of the block's quorum, not peer 0.
-    let located = cluster.peers[0]
-        .admin()
-        .await?
-        .locate_block(LocateBlockRequest {
-            address: start.address.to_string(),
-        })
-        .await?
-        .into_inner();
-    let quorum: HashSet<String> = located.replicas.into_iter().map(|m| m.address).collect();
+    let quorum = quorum_of(&cluster, &start).await?;
     let victim = (1..5)
-        .find(|&i| quorum.contains(&cluster.peers[i].addr))
+        .find(|i| quorum.contains(i))
         .expect("a replica besides peer 0");
 
     let dirs: Arc<Vec<PathBuf>> = Arc::new(cluster.peers.iter().map(|p| p.dir.clone()).collect());
@@ -319,5 +327,55 @@ async fn acceptors_keep_their_state_across_sigkill() -> anyhow::Result<()> {
         Put::Written(_)
     ));
     assert_eq!(get(&cluster.peers[1].dir, &block).await?, v6);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_quorum_member_is_replaced_so_a_second_loss_is_survived() -> anyhow::Result<()> {
+    let mut cluster =
+        TestCluster::start_with(&spread(5, 3), 3, &["--eviction-delay", "2s"]).await?;
+    let owner = key(1);
+    let v1 = owner.create([6; 16], vec![], b"v1".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[0].dir, &v1).await?,
+        Put::Written(_)
+    ));
+    let quorum = quorum_of(&cluster, &v1).await?;
+    assert_eq!(quorum.len(), 3);
+    let client = (0..5)
+        .find(|i| !quorum.contains(i))
+        .expect("a peer outside the quorum");
+    let (first, second) = (quorum[0], quorum[1]);
+
+    // One member dies for good: after the eviction delay the block moves to
+    // a new quorum (found by the first live member; a log line says so).
+    cluster.kill(first);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cluster
+        .peers
+        .iter()
+        .any(|p| p.log().contains("replaced dead quorum members"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no peer replaced the dead member"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let v2 = owner.write_after(&v1, b"v2".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[client].dir, &v2).await?,
+        Put::Written(_)
+    ));
+
+    // A second original member dies: the old quorum would have lost its
+    // majority; the new one has not.
+    cluster.kill(second);
+    let v3 = owner.write_after(&v2, b"v3".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[client].dir, &v3).await?,
+        Put::Written(_)
+    ));
+    assert_eq!(get(&cluster.peers[client].dir, &v1).await?, v3);
     Ok(())
 }

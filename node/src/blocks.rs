@@ -166,6 +166,11 @@ impl Blocks {
         self.trees().2.place(address, n)
     }
 
+    /// The first `n` nodes that accept new data for `address`.
+    pub fn placement_for_writes(&self, address: &Address, n: usize) -> Vec<NodeId> {
+        self.trees().1.place(address, n)
+    }
+
     /// The nodes a new block goes to.
     pub fn replicas_for_write(&self, address: &Address) -> Vec<NodeInfo> {
         let (view, writes, _) = self.trees();

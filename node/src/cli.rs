@@ -115,6 +115,10 @@ struct NodeRun {
     /// Bytes offered for blocks, e.g. 10GiB.
     #[arg(long, default_value = "10GiB", value_parser = parse_size)]
     capacity: u64,
+    /// How long a dead peer stays in mutable blocks' quorums before it is
+    /// replaced, e.g. 10m.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    eviction_delay: std::time::Duration,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -458,6 +462,7 @@ async fn run_node(args: NodeRun) -> anyhow::Result<()> {
         capacity: args.capacity,
         policy: args.policy.policy(),
         write_quorum: args.policy.write_quorum,
+        eviction_delay: args.eviction_delay,
         gossip: GossipConfig::default(),
     };
     let peer = Peer::start(config).await?;

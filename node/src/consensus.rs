@@ -85,6 +85,8 @@ pub enum ConsensusError {
 /// Tuning of the driver.
 #[derive(Debug, Clone, Copy)]
 pub struct ConsensusConfig {
+    /// How long a quorum member must be dead before it is replaced.
+    pub eviction_delay: Duration,
     /// Replicas (and so acceptors) per block.
     pub replicas: usize,
     /// How long a phase waits for a quorum before it is retried.
@@ -257,6 +259,114 @@ impl Consensus {
                 _ = tokio::time::sleep(self.config.round_timeout) => proposer.retry(),
             };
         }
+    }
+
+    /// Replaces dead quorum members of the blocks this peer is an acceptor
+    /// for, once they have been dead for the eviction delay. Each block is
+    /// handled by the first live member of its quorum (by node id), so peers
+    /// rarely race; when they do, Paxos picks one new quorum. `dead_since`
+    /// remembers when each node was first seen dead. Returns how many
+    /// blocks got a new quorum.
+    pub async fn evict_dead_members(&self, dead_since: &mut HashMap<NodeId, Instant>) -> usize {
+        let view = self.blocks.view();
+        let now = Instant::now();
+        dead_since.retain(|id, _| view.get(id).is_some_and(|n| n.state == NodeState::Dead));
+        for n in view.nodes().iter().filter(|n| n.state == NodeState::Dead) {
+            dead_since.entry(n.id).or_insert(now);
+        }
+        let evicted: Vec<NodeId> = dead_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= self.config.eviction_delay)
+            .map(|(id, _)| *id)
+            .collect();
+        if evicted.is_empty() {
+            return 0;
+        }
+        let mut replaced = 0;
+        let mut start_after = None;
+        // Bounded: pages of at most 1,000 blocks, at most 1,000 pages a sweep.
+        for _ in 0..1000 {
+            let store = self.blocks.store().clone();
+            let after = start_after;
+            let page = match tokio::task::spawn_blocking(move || {
+                store.list_acceptors(after.as_ref(), 1000)
+            })
+            .await
+            {
+                Ok(Ok(page)) => page,
+                _ => return replaced,
+            };
+            for address in &page {
+                if let Some(members) = self.replacement_quorum(address, &evicted, &view) {
+                    match self
+                        .run(*address, Op::Reconfigure(members.clone()), |_| {})
+                        .await
+                    {
+                        Ok(Outcome::Done(chosen)) => {
+                            replaced += 1;
+                            tracing::info!(%address, epoch = chosen.config.epoch, "replaced dead quorum members");
+                        }
+                        Ok(other) => debug!(%address, "reconfiguration not done: {other:?}"),
+                        Err(e) => debug!(%address, "reconfiguration failed: {e}"),
+                    }
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 1000 => start_after = Some(*last),
+                _ => break,
+            }
+        }
+        replaced
+    }
+
+    /// The quorum that should replace `address`'s current one, if it holds
+    /// evicted members and this peer is the one to act.
+    fn replacement_quorum(
+        &self,
+        address: &Address,
+        evicted: &[NodeId],
+        view: &shoal_core::View,
+    ) -> Option<Vec<NodeId>> {
+        let chosen = self
+            .blocks
+            .store()
+            .with_acceptor(address, |stored| {
+                let state = stored
+                    .and_then(|b| pb::AcceptorState::decode(b).ok())
+                    .and_then(|s| wire::acceptor_from_wire(s).ok());
+                (None, state.and_then(|a| a.chosen))
+            })
+            .ok()??;
+        let config = chosen.config;
+        if !config.members.iter().any(|m| evicted.contains(m)) {
+            return None;
+        }
+        let alive = |id: &NodeId| view.get(id).is_some_and(|n| n.state == NodeState::Alive);
+        let mut kept: Vec<NodeId> = config
+            .members
+            .iter()
+            .filter(|m| !evicted.contains(m))
+            .copied()
+            .collect();
+        // The first live member acts.
+        if kept.iter().copied().filter(|m| alive(m)).min() != Some(self.me) {
+            return None;
+        }
+        // Fill up from placement: the next eligible nodes for this block.
+        let want = self.config.replicas;
+        for id in self
+            .blocks
+            .placement_for_writes(address, want + config.members.len())
+        {
+            if kept.len() >= want {
+                break;
+            }
+            if !kept.contains(&id) && alive(&id) {
+                kept.push(id);
+            }
+        }
+        // Never shrink a quorum: wait until enough live nodes exist.
+        (kept.len() >= want).then_some(kept)
     }
 
     /// Sends one request (to ourselves directly) and feeds the reply back.

@@ -35,6 +35,8 @@ pub struct PeerConfig {
     pub capacity: u64,
     pub policy: Policy,
     pub write_quorum: Option<usize>,
+    /// How long a dead node stays in mutable blocks' quorums.
+    pub eviction_delay: Duration,
     pub gossip: GossipConfig,
 }
 
@@ -136,12 +138,25 @@ impl Peer {
         let consensus = Consensus::new(
             me,
             ConsensusConfig {
+                eviction_delay: config.eviction_delay,
                 replicas: policy.replicas,
                 round_timeout: Duration::from_millis(500),
                 deadline: Duration::from_secs(30),
             },
             blocks.clone(),
         );
+        {
+            // Replace dead members of mutable blocks' quorums.
+            let consensus = consensus.clone();
+            tokio::spawn(async move {
+                let mut dead_since = std::collections::HashMap::new();
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                loop {
+                    tick.tick().await;
+                    consensus.evict_dead_members(&mut dead_since).await;
+                }
+            });
+        }
         {
             let handler = Arc::new(PeerService {
                 me,

@@ -213,8 +213,27 @@ impl BlockStore {
         start_after: Option<&Address>,
         limit: usize,
     ) -> Result<Vec<Address>, StoreError> {
-        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
-        let mut iter = self.db.raw_iterator_cf(blocks);
+        self.list_cf(CF_BLOCKS, start_after, limit)
+    }
+
+    /// Addresses of the mutable blocks this peer is (or was) an acceptor
+    /// for, after `start_after`, in order, at most `limit` of them.
+    pub fn list_acceptors(
+        &self,
+        start_after: Option<&Address>,
+        limit: usize,
+    ) -> Result<Vec<Address>, StoreError> {
+        self.list_cf(CF_PAXOS, start_after, limit)
+    }
+
+    fn list_cf(
+        &self,
+        cf: &str,
+        start_after: Option<&Address>,
+        limit: usize,
+    ) -> Result<Vec<Address>, StoreError> {
+        let cf = self.db.cf_handle(cf).expect("column family");
+        let mut iter = self.db.raw_iterator_cf(cf);
         match start_after {
             Some(a) => {
                 iter.seek(a.as_bytes());
