@@ -9,6 +9,8 @@
 //! so pays one round trip per write) until another proposer preempts it.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,25 +99,107 @@ pub struct ConsensusConfig {
 
 type SharedProposer = Arc<tokio::sync::Mutex<Proposer<MutableBlock, PreSigned>>>;
 
+/// A reply on its way back, or `None` if none will come (lost, refused,
+/// unreachable).
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Option<Reply<MutableBlock>>> + Send>>;
+
+/// What the driver needs of the world: where a block's quorum starts, and a
+/// way to ask an acceptor. The cluster provides it over QUIC; a simulation
+/// provides it in memory, under virtual time.
+pub trait Network: Send + Sync + 'static {
+    /// The quorum a block starts with (its replicas by placement).
+    fn initial_members(&self, address: &Address) -> Vec<NodeId>;
+    /// Sends `request` about `address` to `to`.
+    fn request(&self, to: NodeId, address: Address, request: Request<MutableBlock>) -> ReplyFuture;
+}
+
+/// The cluster: acceptors are the peers, reached over the QUIC transport
+/// (or directly, for this peer itself).
+#[derive(Debug)]
+pub struct ClusterNetwork {
+    me: NodeId,
+    replicas: usize,
+    blocks: Arc<Blocks>,
+}
+
+impl ClusterNetwork {
+    pub fn new(me: NodeId, replicas: usize, blocks: Arc<Blocks>) -> Self {
+        Self {
+            me,
+            replicas,
+            blocks,
+        }
+    }
+}
+
+impl Network for ClusterNetwork {
+    fn initial_members(&self, address: &Address) -> Vec<NodeId> {
+        self.blocks.placement_for_reads(address, self.replicas)
+    }
+
+    fn request(&self, to: NodeId, address: Address, request: Request<MutableBlock>) -> ReplyFuture {
+        let view = self.blocks.view();
+        let node = view.get(&to).cloned();
+        let wire = wire::request_to_wire(&address, &request);
+        let (blocks, me) = (self.blocks.clone(), self.me);
+        Box::pin(async move {
+            let node = node.filter(|n| n.state != NodeState::Dead)?;
+            let reply = if to == me {
+                tokio::task::spawn_blocking(move || serve(&blocks, me, wire))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+            } else {
+                let request = PeerRequest {
+                    kind: Some(peer_request::Kind::Paxos(wire)),
+                };
+                match blocks.transport().request(node.addr, &request).await {
+                    Ok(PeerResponse {
+                        kind: Some(peer_response::Kind::Paxos(reply)),
+                    }) => Ok(reply),
+                    Ok(_) => Err("unexpected answer".to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match reply.and_then(|r| wire::reply_from_wire(r).map_err(|e| e.to_string())) {
+                Ok(reply) => Some(reply),
+                Err(e) => {
+                    debug!(%to, %address, "paxos request: {e}");
+                    None
+                }
+            }
+        })
+    }
+}
+
 /// Bound on cached proposers (one per block this peer wrote or read);
 /// idle ones are dropped past it.
 const MAX_PROPOSERS: usize = 10_000;
 
-#[derive(Debug)]
-pub struct Consensus {
+/// The proposer side of mutable blocks on one node, over a [`Network`].
+pub struct Consensus<N = ClusterNetwork> {
     me: NodeId,
     config: ConsensusConfig,
-    blocks: Arc<Blocks>,
+    network: Arc<N>,
     proposers: Mutex<HashMap<Address, SharedProposer>>,
+    /// Backoff jitter; seeded, so a simulation replays exactly.
+    rng: Mutex<rand::rngs::StdRng>,
 }
 
-impl Consensus {
-    pub fn new(me: NodeId, config: ConsensusConfig, blocks: Arc<Blocks>) -> Arc<Self> {
+impl<N> std::fmt::Debug for Consensus<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consensus").field("me", &self.me).finish()
+    }
+}
+
+impl<N: Network> Consensus<N> {
+    pub fn new(me: NodeId, config: ConsensusConfig, network: Arc<N>, seed: u64) -> Arc<Self> {
         Arc::new(Self {
             me,
             config,
-            blocks,
+            network,
             proposers: Mutex::new(HashMap::new()),
+            rng: Mutex::new(rand::SeedableRng::seed_from_u64(seed)),
         })
     }
 
@@ -124,9 +208,7 @@ impl Consensus {
     fn initial_config(&self, address: &Address) -> Config {
         Config {
             epoch: 1,
-            members: self
-                .blocks
-                .placement_for_reads(address, self.config.replicas),
+            members: self.network.initial_members(address),
         }
     }
 
@@ -219,6 +301,11 @@ impl Consensus {
     ) -> Result<Outcome<MutableBlock>, ConsensusError> {
         let shared = self.proposer(address);
         let mut proposer = shared.lock().await;
+        if !proposer.is_idle() {
+            // The caller of an earlier operation went away mid-way (its
+            // future was dropped): that operation is over.
+            proposer.abandon();
+        }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let started = Instant::now();
         let mut backoffs = 0u32;
@@ -233,7 +320,7 @@ impl Consensus {
                         // competing proposers stop preempting each other.
                         backoffs += 1;
                         let ceiling = 4u64 << backoffs.min(7);
-                        let wait = rand::rng().random_range(1..=ceiling);
+                        let wait = self.rng.lock().expect("rng").random_range(1..=ceiling);
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                         next.extend(proposer.retry());
                     }
@@ -252,6 +339,7 @@ impl Consensus {
                 });
             }
             actions = tokio::select! {
+                biased;
                 Some((from, reply)) = rx.recv() => {
                     observe(&reply);
                     proposer.on_reply(from, reply)
@@ -261,6 +349,24 @@ impl Consensus {
         }
     }
 
+    /// Sends one request and feeds the reply, if any, back to the loop.
+    fn send(
+        &self,
+        address: Address,
+        to: NodeId,
+        request: Request<MutableBlock>,
+        replies: mpsc::UnboundedSender<(NodeId, Reply<MutableBlock>)>,
+    ) {
+        let reply = self.network.request(to, address, request);
+        tokio::spawn(async move {
+            if let Some(reply) = reply.await {
+                let _ = replies.send((to, reply));
+            }
+        });
+    }
+}
+
+impl Consensus<ClusterNetwork> {
     /// Replaces dead quorum members of the blocks this peer is an acceptor
     /// for, once they have been dead for the eviction delay. Each block is
     /// handled by the first live member of its quorum (by node id), so peers
@@ -268,7 +374,7 @@ impl Consensus {
     /// remembers when each node was first seen dead. Returns how many
     /// blocks got a new quorum.
     pub async fn evict_dead_members(&self, dead_since: &mut HashMap<NodeId, Instant>) -> usize {
-        let view = self.blocks.view();
+        let view = self.network.blocks.view();
         let now = Instant::now();
         dead_since.retain(|id, _| view.get(id).is_some_and(|n| n.state == NodeState::Dead));
         for n in view.nodes().iter().filter(|n| n.state == NodeState::Dead) {
@@ -286,7 +392,7 @@ impl Consensus {
         let mut start_after = None;
         // Bounded: pages of at most 1,000 blocks, at most 1,000 pages a sweep.
         for _ in 0..1000 {
-            let store = self.blocks.store().clone();
+            let store = self.network.blocks.store().clone();
             let after = start_after;
             let page = match tokio::task::spawn_blocking(move || {
                 store.list_acceptors(after.as_ref(), 1000)
@@ -328,6 +434,7 @@ impl Consensus {
         view: &shoal_core::View,
     ) -> Option<Vec<NodeId>> {
         let chosen = self
+            .network
             .blocks
             .store()
             .with_acceptor(address, |stored| {
@@ -355,6 +462,7 @@ impl Consensus {
         // Fill up from placement: the next eligible nodes for this block.
         let want = self.config.replicas;
         for id in self
+            .network
             .blocks
             .placement_for_writes(address, want + config.members.len())
         {
@@ -367,51 +475,6 @@ impl Consensus {
         }
         // Never shrink a quorum: wait until enough live nodes exist.
         (kept.len() >= want).then_some(kept)
-    }
-
-    /// Sends one request (to ourselves directly) and feeds the reply back.
-    fn send(
-        &self,
-        address: Address,
-        to: NodeId,
-        request: Request<MutableBlock>,
-        replies: mpsc::UnboundedSender<(NodeId, Reply<MutableBlock>)>,
-    ) {
-        let view = self.blocks.view();
-        let Some(node) = view.get(&to).cloned() else {
-            return;
-        };
-        if node.state == NodeState::Dead {
-            return;
-        }
-        let wire = wire::request_to_wire(&address, &request);
-        let blocks = self.blocks.clone();
-        let me = self.me;
-        tokio::spawn(async move {
-            let reply = if to == me {
-                tokio::task::spawn_blocking(move || serve(&blocks, me, wire))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-            } else {
-                let request = PeerRequest {
-                    kind: Some(peer_request::Kind::Paxos(wire)),
-                };
-                match blocks.transport().request(node.addr, &request).await {
-                    Ok(PeerResponse {
-                        kind: Some(peer_response::Kind::Paxos(reply)),
-                    }) => Ok(reply),
-                    Ok(_) => Err("unexpected answer".to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
-            };
-            match reply.and_then(|r| wire::reply_from_wire(r).map_err(|e| e.to_string())) {
-                Ok(reply) => {
-                    let _ = replies.send((to, reply));
-                }
-                Err(e) => debug!(%to, %address, "paxos request: {e}"),
-            }
-        });
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::blocks::{BlockConfig, Blocks, error_response};
-use crate::consensus::{self, Consensus, ConsensusConfig};
+use crate::consensus::{self, ClusterNetwork, Consensus, ConsensusConfig};
 use crate::gossip::{Gossip, GossipConfig, Member};
 use crate::identity::NodeIdentity;
 use crate::store::BlockStore;
@@ -143,7 +143,8 @@ impl Peer {
                 round_timeout: Duration::from_millis(500),
                 deadline: Duration::from_secs(30),
             },
-            blocks.clone(),
+            Arc::new(ClusterNetwork::new(me, policy.replicas, blocks.clone())),
+            rand::random(),
         );
         {
             // Replace dead members of mutable blocks' quorums.
