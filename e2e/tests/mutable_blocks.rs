@@ -148,12 +148,18 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
     let scratch = tempfile::tempdir()?;
     let rogue = NodeIdentity::load_or_issue(scratch.path(), cluster.root())?;
     let transport = Transport::client(&rogue, Timeouts::default())?;
+    // The block's quorum: all three peers (their ids from their certificates).
+    let members: Vec<shoal_core::NodeId> = cluster
+        .peers
+        .iter()
+        .map(|p| NodeIdentity::load_or_issue(&p.dir, cluster.root()).map(|i| i.node_id))
+        .collect::<Result<_, _>>()?;
     let base = wire::chosen_to_wire(&shoal_core::paxos::Chosen {
         slot: 1,
         value: Some(v1.clone()),
         config: shoal_core::paxos::Config {
             epoch: 1,
-            members: vec![],
+            members: members.clone(),
         },
     });
 
@@ -183,7 +189,7 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
             match reply.kind {
                 Some(peer_response::Kind::Paxos(pb::PaxosReply {
                     kind: Some(paxos_reply::Kind::Invalid(reason)),
-                })) => assert!(!reason.is_empty()),
+                })) => assert!(reason.contains("does not verify"), "{reason}"),
                 other => panic!("forged version not refused: {other:?}"),
             }
         }
@@ -193,6 +199,52 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
         v1,
         "the block is untouched"
     );
+
+    // Once version 2 is chosen, replaying version 1 on top of it (or on
+    // top of the state before it) gets nowhere either.
+    let v2 = owner.write_after(&v1, b"second".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[0].dir, &v2).await?,
+        Put::Written(_)
+    ));
+    let replay = |base: pb::ChosenState| PeerRequest {
+        kind: Some(peer_request::Kind::Paxos(pb::PaxosRequest {
+            address: v1.address.0.to_vec(),
+            kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
+                ballot: Some(pb::Ballot {
+                    round: u64::MAX,
+                    node: vec![0xEE; 16],
+                }),
+                base: Some(base),
+                entry: Some(pb::LogEntry {
+                    kind: Some(pb::log_entry::Kind::Write(wire::block_to_wire(&v1))),
+                }),
+            })),
+        })),
+    };
+    let on_v2 = wire::chosen_to_wire(&shoal_core::paxos::Chosen {
+        slot: 2,
+        value: Some(v2.clone()),
+        config: shoal_core::paxos::Config {
+            epoch: 1,
+            members: members.clone(),
+        },
+    });
+    for base in [on_v2, base] {
+        for peer in &cluster.peers {
+            let reply = transport
+                .request(peer.addr.parse()?, &replay(base.clone()))
+                .await?;
+            let refused = matches!(
+                reply.kind,
+                Some(peer_response::Kind::Paxos(pb::PaxosReply {
+                    kind: Some(paxos_reply::Kind::Invalid(_) | paxos_reply::Kind::Rejected(_)),
+                }))
+            );
+            assert!(refused, "replayed version not refused: {reply:?}");
+        }
+    }
+    assert_eq!(get(&cluster.peers[2].dir, &v1).await?, v2, "no rollback");
     Ok(())
 }
 

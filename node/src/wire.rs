@@ -309,6 +309,33 @@ mod tests {
     use shoal_core::mutable::WriterKey;
 
     #[test]
+    fn a_reply_carrying_a_forged_block_is_rejected() {
+        let key = WriterKey::from_secret([7; 32]);
+        let block = key.create([1; 16], vec![], b"hello".to_vec());
+        let chosen = Chosen {
+            slot: 1,
+            value: Some(block),
+            config: Config {
+                epoch: 1,
+                members: vec![NodeId([1; 16])],
+            },
+        };
+        let honest = reply_to_wire(&Reply::State {
+            accepted: None,
+            chosen: Some(chosen),
+        });
+        assert!(reply_from_wire(honest.clone()).is_ok());
+        let mut forged = honest;
+        if let Some(pb::paxos_reply::Kind::State(s)) = forged.kind.as_mut() {
+            s.chosen.as_mut().unwrap().value.as_mut().unwrap().payload = b"forged".to_vec();
+        }
+        assert!(matches!(
+            reply_from_wire(forged),
+            Err(WireError::Unverified { .. })
+        ));
+    }
+
+    #[test]
     fn blocks_round_trip_and_tampering_is_caught_on_decode() {
         let key = WriterKey::from_secret([7; 32]);
         let block = key.create([1; 16], vec![], b"hello".to_vec());
