@@ -406,7 +406,7 @@ async fn a_dead_quorum_member_is_replaced_so_a_second_loss_is_survived() -> anyh
     while !cluster
         .peers
         .iter()
-        .any(|p| p.log().contains("replaced dead quorum members"))
+        .any(|p| p.log().contains("moved quorum to new members"))
     {
         assert!(
             Instant::now() < deadline,
@@ -429,5 +429,76 @@ async fn a_dead_quorum_member_is_replaced_so_a_second_loss_is_survived() -> anyh
         Put::Written(_)
     ));
     assert_eq!(get(&cluster.peers[client].dir, &v1).await?, v3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorums_follow_placement_when_a_node_joins() -> anyhow::Result<()> {
+    let mut cluster =
+        TestCluster::start_with(&spread(3, 3), 3, &["--eviction-delay", "2s"]).await?;
+    let owner = key(1);
+    let blocks: Vec<MutableBlock> = (0..8u8)
+        .map(|i| owner.create([i; 16], vec![], vec![i]))
+        .collect();
+    for b in &blocks {
+        assert!(matches!(
+            put(&cluster.peers[0].dir, b).await?,
+            Put::Written(_)
+        ));
+    }
+    let first = cluster.peers[0].addr.clone();
+    let joined = cluster
+        .spawn(shoal_e2e::NodeSpec::new("zone-0", "rack-new"), Some(&first))
+        .await?;
+    cluster.wait_until_joined(Duration::from_secs(60)).await?;
+    let ids: Vec<String> = cluster
+        .peers
+        .iter()
+        .map(|p| NodeIdentity::load_or_issue(&p.dir, cluster.root()).map(|i| i.node_id.to_string()))
+        .collect::<Result<_, _>>()?;
+
+    // Once membership has settled for the eviction delay, blocks whose
+    // placement now includes the new node move their quorum onto it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (moved, quorum) = loop {
+        let mut found = None;
+        for b in &blocks {
+            let reply = admin::connect(&cluster.peers[0].dir)
+                .await?
+                .get_mutable(GetMutableRequest {
+                    address: b.address.to_string(),
+                })
+                .await?
+                .into_inner();
+            if reply.quorum.contains(&ids[joined]) {
+                found = Some((b.clone(), reply.quorum));
+                break;
+            }
+        }
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no quorum moved to the new node");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Kill the original member the block left, and one it kept: the old
+    // quorum would be down to one; the new one keeps a majority.
+    let left = (0..3)
+        .find(|&i| !quorum.contains(&ids[i]))
+        .expect("a member left");
+    let kept = (0..3)
+        .find(|&i| i != left && quorum.contains(&ids[i]))
+        .expect("a member kept");
+    let client = (0..3)
+        .find(|&i| i != left && i != kept)
+        .expect("a third peer");
+    cluster.kill(left);
+    cluster.kill(kept);
+    let next = owner.write_after(&moved, b"after the move".to_vec());
+    assert!(matches!(
+        put(&cluster.peers[client].dir, &next).await?,
+        Put::Written(_)
+    ));
+    assert_eq!(get(&cluster.peers[joined].dir, &moved).await?, next);
     Ok(())
 }

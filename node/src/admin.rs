@@ -198,13 +198,14 @@ impl Admin for AdminService {
         request: Request<GetMutableRequest>,
     ) -> Result<Response<GetMutableReply>, Status> {
         let address = parse_address(&request.into_inner().address)?;
-        let block = self
+        let (block, quorum) = self
             .consensus
-            .get(address)
+            .get_with_quorum(address)
             .await
             .map_err(consensus_status)?;
         Ok(Response::new(GetMutableReply {
             block: Some(wire::block_to_wire(&block)),
+            quorum: quorum.members.iter().map(|m| m.to_string()).collect(),
         }))
     }
 

@@ -283,11 +283,22 @@ impl<N: Network> Consensus<N> {
 
     /// A linearizable read of the block's current version.
     pub async fn get(&self, address: Address) -> Result<MutableBlock, ConsensusError> {
+        self.get_with_quorum(address).await.map(|(block, _)| block)
+    }
+
+    /// A linearizable read that also tells which quorum decides the block.
+    pub async fn get_with_quorum(
+        &self,
+        address: Address,
+    ) -> Result<(MutableBlock, Config), ConsensusError> {
         match self.run(address, Op::Read, |_| {}).await? {
             Outcome::Done(chosen)
             | Outcome::Refused {
                 current: chosen, ..
-            } => chosen.value.ok_or(ConsensusError::NotFound(address)),
+            } => {
+                let block = chosen.value.ok_or(ConsensusError::NotFound(address))?;
+                Ok((block, chosen.config))
+            }
             Outcome::Invalid(reason) => Err(ConsensusError::Invalid(reason)),
         }
     }
@@ -367,25 +378,40 @@ impl<N: Network> Consensus<N> {
 }
 
 impl Consensus<ClusterNetwork> {
-    /// Replaces dead quorum members of the blocks this peer is an acceptor
-    /// for, once they have been dead for the eviction delay. Each block is
-    /// handled by the first live member of its quorum (by node id), so peers
-    /// rarely race; when they do, Paxos picks one new quorum. `dead_since`
-    /// remembers when each node was first seen dead. Returns how many
-    /// blocks got a new quorum.
-    pub async fn evict_dead_members(&self, dead_since: &mut HashMap<NodeId, Instant>) -> usize {
+    /// Keeps the quorums of the blocks this peer is an acceptor for where
+    /// they belong: a member dead for the eviction delay is replaced by the
+    /// next eligible node from placement, and once membership has been
+    /// settled (no change) for the eviction delay, a quorum that differs
+    /// from the block's placement (a node joined, or one drains) moves
+    /// there. Each block is handled by the first live member of its quorum
+    /// (by node id), so peers rarely race; when they do, Paxos picks one new
+    /// quorum. Returns how many blocks got a new quorum.
+    pub async fn maintain_quorums(&self, state: &mut QuorumMaintenance) -> usize {
         let view = self.network.blocks.view();
         let now = Instant::now();
-        dead_since.retain(|id, _| view.get(id).is_some_and(|n| n.state == NodeState::Dead));
+        state
+            .dead_since
+            .retain(|id, _| view.get(id).is_some_and(|n| n.state == NodeState::Dead));
         for n in view.nodes().iter().filter(|n| n.state == NodeState::Dead) {
-            dead_since.entry(n.id).or_insert(now);
+            state.dead_since.entry(n.id).or_insert(now);
         }
-        let evicted: Vec<NodeId> = dead_since
+        let shape: Vec<(NodeId, NodeState)> =
+            view.nodes().iter().map(|n| (n.id, n.state)).collect();
+        if state.settled.as_ref().is_none_or(|(s, _)| *s != shape) {
+            state.settled = Some((shape, now));
+        }
+        let delay = self.config.eviction_delay;
+        let evicted: Vec<NodeId> = state
+            .dead_since
             .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= self.config.eviction_delay)
+            .filter(|(_, since)| now.duration_since(**since) >= delay)
             .map(|(id, _)| *id)
             .collect();
-        if evicted.is_empty() {
+        let settled = state
+            .settled
+            .as_ref()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= delay);
+        if evicted.is_empty() && !settled {
             return 0;
         }
         let mut replaced = 0;
@@ -403,18 +429,19 @@ impl Consensus<ClusterNetwork> {
                 _ => return replaced,
             };
             for address in &page {
-                if let Some(members) = self.replacement_quorum(address, &evicted, &view) {
-                    match self
-                        .run(*address, Op::Reconfigure(members.clone()), |_| {})
-                        .await
-                    {
-                        Ok(Outcome::Done(chosen)) => {
-                            replaced += 1;
-                            tracing::info!(%address, epoch = chosen.config.epoch, "replaced dead quorum members");
-                        }
-                        Ok(other) => debug!(%address, "reconfiguration not done: {other:?}"),
-                        Err(e) => debug!(%address, "reconfiguration failed: {e}"),
+                let Some(members) = self.better_quorum(address, &evicted, settled, &view) else {
+                    continue;
+                };
+                match self
+                    .run(*address, Op::Reconfigure(members.clone()), |_| {})
+                    .await
+                {
+                    Ok(Outcome::Done(chosen)) => {
+                        replaced += 1;
+                        tracing::info!(%address, epoch = chosen.config.epoch, to = ?members, dead = evicted.len(), "moved quorum to new members");
                     }
+                    Ok(other) => debug!(%address, "reconfiguration not done: {other:?}"),
+                    Err(e) => debug!(%address, "reconfiguration failed: {e}"),
                 }
             }
             match page.last() {
@@ -425,12 +452,13 @@ impl Consensus<ClusterNetwork> {
         replaced
     }
 
-    /// The quorum that should replace `address`'s current one, if it holds
-    /// evicted members and this peer is the one to act.
-    fn replacement_quorum(
+    /// The quorum that should replace `address`'s current one, if any and
+    /// if this peer is the one to act.
+    fn better_quorum(
         &self,
         address: &Address,
         evicted: &[NodeId],
+        settled: bool,
         view: &shoal_core::View,
     ) -> Option<Vec<NodeId>> {
         let chosen = self
@@ -444,38 +472,54 @@ impl Consensus<ClusterNetwork> {
                 (None, state.and_then(|a| a.chosen))
             })
             .ok()??;
+        chosen.value.as_ref()?;
         let config = chosen.config;
-        if !config.members.iter().any(|m| evicted.contains(m)) {
-            return None;
-        }
         let alive = |id: &NodeId| view.get(id).is_some_and(|n| n.state == NodeState::Alive);
-        let mut kept: Vec<NodeId> = config
-            .members
-            .iter()
-            .filter(|m| !evicted.contains(m))
-            .copied()
-            .collect();
         // The first live member acts.
-        if kept.iter().copied().filter(|m| alive(m)).min() != Some(self.me) {
+        if config.members.iter().copied().filter(|m| alive(m)).min() != Some(self.me) {
             return None;
         }
-        // Fill up from placement: the next eligible nodes for this block.
         let want = self.config.replicas;
-        for id in self
+        let placed = self
             .network
             .blocks
-            .placement_for_writes(address, want + config.members.len())
-        {
-            if kept.len() >= want {
-                break;
+            .placement_for_writes(address, want + config.members.len());
+        let target: Vec<NodeId> = if config.members.iter().any(|m| evicted.contains(m)) {
+            // Keep the live members; fill up from placement.
+            let mut kept: Vec<NodeId> = config
+                .members
+                .iter()
+                .filter(|m| !evicted.contains(m))
+                .copied()
+                .collect();
+            for id in placed {
+                if kept.len() >= want {
+                    break;
+                }
+                if !kept.contains(&id) && alive(&id) {
+                    kept.push(id);
+                }
             }
-            if !kept.contains(&id) && alive(&id) {
-                kept.push(id);
-            }
-        }
-        // Never shrink a quorum: wait until enough live nodes exist.
-        (kept.len() >= want).then_some(kept)
+            kept
+        } else if settled {
+            placed.into_iter().take(want).collect()
+        } else {
+            return None;
+        };
+        let same =
+            target.len() == config.members.len() && target.iter().all(|m| config.contains(m));
+        // Never shrink a quorum, and only move onto live nodes.
+        (!same && target.len() >= want && target.iter().all(alive)).then_some(target)
     }
+}
+
+/// What [`Consensus::maintain_quorums`] remembers between sweeps.
+#[derive(Debug, Default)]
+pub struct QuorumMaintenance {
+    /// When each dead node was first seen dead.
+    dead_since: HashMap<NodeId, Instant>,
+    /// The membership (ids and states) and since when it has not changed.
+    settled: Option<(Vec<(NodeId, NodeState)>, Instant)>,
 }
 
 /// The chosen states a reply carries.

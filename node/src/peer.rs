@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::blocks::{BlockConfig, Blocks, error_response};
-use crate::consensus::{self, ClusterNetwork, Consensus, ConsensusConfig};
+use crate::consensus::{self, ClusterNetwork, Consensus, ConsensusConfig, QuorumMaintenance};
 use crate::gossip::{Gossip, GossipConfig, Member};
 use crate::identity::NodeIdentity;
 use crate::store::BlockStore;
@@ -147,14 +147,14 @@ impl Peer {
             rand::random(),
         );
         {
-            // Replace dead members of mutable blocks' quorums.
+            // Keep mutable blocks' quorums on live, placed nodes.
             let consensus = consensus.clone();
             tokio::spawn(async move {
-                let mut dead_since = std::collections::HashMap::new();
+                let mut state = QuorumMaintenance::default();
                 let mut tick = tokio::time::interval(Duration::from_secs(2));
                 loop {
                     tick.tick().await;
-                    consensus.evict_dead_members(&mut dead_since).await;
+                    consensus.maintain_quorums(&mut state).await;
                 }
             });
         }
