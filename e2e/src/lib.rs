@@ -10,8 +10,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use shoal_core::Address;
+use shoal_core::mutable::MutableBlock;
+use shoal_node::wire;
 use shoal_proto::admin::admin_client::AdminClient;
-use shoal_proto::admin::{ListLocalBlocksRequest, NodeState, StatusRequest};
+use shoal_proto::admin::{
+    GetMutableRequest, ListLocalBlocksRequest, NodeState, PutMutableRequest, StatusRequest,
+    put_mutable_reply,
+};
 use tonic::transport::Channel;
 
 /// The `shoal` binary under test: `$SHOAL_BIN`, else the one cargo built
@@ -311,6 +317,57 @@ async fn own_address(peer: &mut PeerProcess, limit: Duration) -> anyhow::Result<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How a put of a signed mutable version ended.
+#[derive(Debug)]
+pub enum Put {
+    /// The version is now current.
+    Written(Box<MutableBlock>),
+    /// The version it expected to follow was not current: this one is.
+    Conflict(Box<MutableBlock>),
+}
+
+fn malformed(e: impl std::fmt::Display) -> tonic::Status {
+    tonic::Status::internal(format!("malformed answer: {e}"))
+}
+
+/// Proposes a signed version of a mutable block through a peer.
+pub async fn put_mutable(
+    client: &mut AdminClient<Channel>,
+    block: &MutableBlock,
+) -> Result<Put, tonic::Status> {
+    let reply = client
+        .put_mutable(PutMutableRequest {
+            block: Some(wire::block_to_wire(block)),
+        })
+        .await?
+        .into_inner();
+    let decode = |b| wire::block_from_wire(b).map(Box::new).map_err(malformed);
+    match reply.outcome.ok_or_else(|| malformed("no outcome"))? {
+        put_mutable_reply::Outcome::Written(b) => decode(b).map(Put::Written),
+        put_mutable_reply::Outcome::Conflict(b) => decode(b).map(Put::Conflict),
+    }
+}
+
+/// Reads the current version of the mutable block at `address` through a
+/// peer.
+pub async fn get_mutable(
+    client: &mut AdminClient<Channel>,
+    address: &Address,
+) -> Result<MutableBlock, tonic::Status> {
+    let reply = client
+        .get_mutable(GetMutableRequest {
+            address: address.to_string(),
+        })
+        .await?
+        .into_inner();
+    wire::block_from_wire(reply.block.ok_or_else(|| malformed("no block"))?).map_err(malformed)
+}
+
+/// The 8-byte counter that tests and benchmarks keep in mutable blocks.
+pub fn counter(block: &MutableBlock) -> u64 {
+    u64::from_le_bytes(block.payload.as_slice().try_into().expect("8-byte counter"))
 }
 
 /// Latency percentile (0..=100) of sorted samples, in microseconds.

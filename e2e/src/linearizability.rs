@@ -128,55 +128,43 @@ pub fn check(initial: State, events: &[Event], budget: u64) -> Option<bool> {
         if done_definite == definite {
             return Some(true);
         }
-        if cursor >= n {
-            // Ran off the end with only unknown ops left unlinearized in
-            // reach: impossible while definite ops remain; backtrack.
-            let (call, before) = stack.pop()?;
-            let op = entries[call].op;
-            linearized[op / 64] &= !(1 << (op % 64));
-            if events[op].completed.is_some() {
-                done_definite -= 1;
-            }
-            state = before;
-            relink(&mut next, &mut prev, entries[call].pair);
-            relink(&mut next, &mut prev, call);
-            cursor = next[call];
-            continue;
-        }
-        let entry = entries[cursor];
-        if entry.call {
-            let op = entry.op;
-            if let Some(after) = step(state, events[op].op) {
-                let mut key = linearized.clone();
-                key[op / 64] |= 1 << (op % 64);
-                if cache.insert((key.clone(), after)) {
-                    stack.push((cursor, state));
-                    linearized = key;
-                    if events[op].completed.is_some() {
-                        done_definite += 1;
+        match entries.get(cursor).copied() {
+            Some(entry) if entry.call => {
+                let op = entry.op;
+                if let Some(after) = step(state, events[op].op) {
+                    let mut key = linearized.clone();
+                    key[op / 64] |= 1 << (op % 64);
+                    if cache.insert((key.clone(), after)) {
+                        stack.push((cursor, state));
+                        linearized = key;
+                        if events[op].completed.is_some() {
+                            done_definite += 1;
+                        }
+                        state = after;
+                        unlink(&mut next, &mut prev, entry.pair);
+                        unlink(&mut next, &mut prev, cursor);
+                        cursor = next[head];
+                        continue;
                     }
-                    state = after;
-                    unlink(&mut next, &mut prev, entry.pair);
-                    unlink(&mut next, &mut prev, cursor);
-                    cursor = next[head];
-                    continue;
                 }
+                cursor = next[cursor];
             }
-            cursor = next[cursor];
-        } else {
-            // A completed op was not linearized before it returned.
-            let Some((call, before)) = stack.pop() else {
-                return Some(false);
-            };
-            let op = entries[call].op;
-            linearized[op / 64] &= !(1 << (op % 64));
-            if events[op].completed.is_some() {
-                done_definite -= 1;
+            // A completed op was not linearized before it returned (or the
+            // list ran out with some left): undo the last choice.
+            _ => {
+                let Some((call, before)) = stack.pop() else {
+                    return Some(false);
+                };
+                let op = entries[call].op;
+                linearized[op / 64] &= !(1 << (op % 64));
+                if events[op].completed.is_some() {
+                    done_definite -= 1;
+                }
+                state = before;
+                relink(&mut next, &mut prev, entries[call].pair);
+                relink(&mut next, &mut prev, call);
+                cursor = next[call];
             }
-            state = before;
-            relink(&mut next, &mut prev, entries[call].pair);
-            relink(&mut next, &mut prev, call);
-            cursor = next[call];
         }
     }
     None

@@ -13,52 +13,20 @@ use std::time::{Duration, Instant};
 use rand::{RngExt, SeedableRng};
 use shoal_core::mutable::{MutableBlock, WriterKey};
 use shoal_e2e::linearizability::{self, Event, Op};
-use shoal_e2e::{TestCluster, spread};
-use shoal_node::{admin, wire};
-use shoal_proto::admin::{GetMutableRequest, IsolateRequest, PutMutableRequest, put_mutable_reply};
+use shoal_e2e::{Put, TestCluster, counter, get_mutable, put_mutable, spread};
+use shoal_node::admin;
+use shoal_proto::admin::IsolateRequest;
 
 const BLOCKS: usize = 20;
 const CLIENTS: usize = 4;
 const PEERS: usize = 5;
 
-fn counter(block: &MutableBlock) -> u64 {
-    u64::from_le_bytes(block.payload.as_slice().try_into().expect("8-byte counter"))
-}
-
-enum Put {
-    Written,
-    Conflict(Box<MutableBlock>),
-}
-
 async fn put(dir: &Path, block: &MutableBlock) -> anyhow::Result<Put> {
-    let reply = admin::connect(dir)
-        .await?
-        .put_mutable(PutMutableRequest {
-            block: Some(wire::block_to_wire(block)),
-        })
-        .await?
-        .into_inner();
-    Ok(
-        match reply.outcome.ok_or_else(|| anyhow::anyhow!("no outcome"))? {
-            put_mutable_reply::Outcome::Written(_) => Put::Written,
-            put_mutable_reply::Outcome::Conflict(b) => {
-                Put::Conflict(Box::new(wire::block_from_wire(b)?))
-            }
-        },
-    )
+    Ok(put_mutable(&mut admin::connect(dir).await?, block).await?)
 }
 
 async fn get(dir: &Path, block: &MutableBlock) -> anyhow::Result<MutableBlock> {
-    let reply = admin::connect(dir)
-        .await?
-        .get_mutable(GetMutableRequest {
-            address: block.address.to_string(),
-        })
-        .await?
-        .into_inner();
-    Ok(wire::block_from_wire(
-        reply.block.ok_or_else(|| anyhow::anyhow!("no block"))?,
-    )?)
+    Ok(get_mutable(&mut admin::connect(dir).await?, &block.address).await?)
 }
 
 async fn isolate(cluster: &TestCluster, peer: usize, unreachable: Vec<String>) {
@@ -108,7 +76,7 @@ async fn compare_and_set_histories_are_linearizable_under_kills_and_partitions()
             keys.iter().map(WriterKey::public).collect(),
             0u64.to_le_bytes().to_vec(),
         );
-        anyhow::ensure!(matches!(put(&dirs[0], &block).await?, Put::Written));
+        anyhow::ensure!(matches!(put(&dirs[0], &block).await?, Put::Written(_)));
         blocks.push(block);
     }
     let blocks = Arc::new(blocks);
@@ -155,7 +123,7 @@ async fn compare_and_set_histories_are_linearizable_under_kills_and_partitions()
                 let next = key.write_after(&current, value.to_le_bytes().to_vec());
                 let invoked = now();
                 let op = match tokio::time::timeout(op_timeout, put(&dirs[peer], &next)).await {
-                    Ok(Ok(Put::Written)) => Some(Op::Written { expected, value }),
+                    Ok(Ok(Put::Written(_))) => Some(Op::Written { expected, value }),
                     Ok(Ok(Put::Conflict(c))) => Some(Op::Refused {
                         expected,
                         current: (c.version, counter(&c)),

@@ -9,49 +9,50 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use shoal_core::mutable::{MutableBlock, WriterKey};
-use shoal_e2e::{TestCluster, spread};
+use shoal_e2e::{Put, TestCluster, counter, get_mutable, put_mutable, spread};
 use shoal_node::identity::NodeIdentity;
 use shoal_node::transport::{Timeouts, Transport};
 use shoal_node::{admin, wire};
-use shoal_proto::admin::{
-    GetMutableRequest, LocateBlockRequest, PutMutableRequest, put_mutable_reply,
-};
+use shoal_proto::admin::{GetMutableRequest, LocateBlockRequest};
 use shoal_proto::peer::{self as pb, PeerRequest, paxos_reply, peer_request, peer_response};
 use tonic::Code;
 
-#[derive(Debug)]
-enum Put {
-    Written(MutableBlock),
-    Conflict(MutableBlock),
-}
-
 async fn put(dir: &Path, block: &MutableBlock) -> Result<Put, tonic::Status> {
-    let mut admin = admin::connect(dir)
+    let mut client = admin::connect(dir)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let reply = admin
-        .put_mutable(PutMutableRequest {
-            block: Some(wire::block_to_wire(block)),
-        })
-        .await?
-        .into_inner();
-    Ok(match reply.outcome.expect("an outcome") {
-        put_mutable_reply::Outcome::Written(b) => Put::Written(wire::block_from_wire(b).unwrap()),
-        put_mutable_reply::Outcome::Conflict(b) => Put::Conflict(wire::block_from_wire(b).unwrap()),
-    })
+    put_mutable(&mut client, block).await
 }
 
 async fn get(dir: &Path, block: &MutableBlock) -> Result<MutableBlock, tonic::Status> {
-    let mut admin = admin::connect(dir)
+    let mut client = admin::connect(dir)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let reply = admin
-        .get_mutable(GetMutableRequest {
-            address: block.address.to_string(),
-        })
-        .await?
-        .into_inner();
-    Ok(wire::block_from_wire(reply.block.expect("a block")).unwrap())
+    get_mutable(&mut client, &block.address).await
+}
+
+/// A Paxos Accept as a rogue proposer would send it: the highest ballot,
+/// any base, any entry.
+fn accept(
+    address: &shoal_core::Address,
+    base: pb::ChosenState,
+    entry: pb::MutableBlock,
+) -> PeerRequest {
+    PeerRequest {
+        kind: Some(peer_request::Kind::Paxos(pb::PaxosRequest {
+            address: address.0.to_vec(),
+            kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
+                ballot: Some(pb::Ballot {
+                    round: u64::MAX,
+                    node: vec![0xEE; 16],
+                }),
+                base: Some(base),
+                entry: Some(pb::LogEntry {
+                    kind: Some(pb::log_entry::Kind::Write(entry)),
+                }),
+            })),
+        })),
+    }
 }
 
 /// The peers (indexes) of a block's first quorum: its replicas by placement.
@@ -75,16 +76,12 @@ fn key(n: u8) -> WriterKey {
     WriterKey::from_secret([n; 32])
 }
 
-fn counter(block: &MutableBlock) -> u64 {
-    u64::from_le_bytes(block.payload.as_slice().try_into().expect("8-byte counter"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_and_set_through_any_peer_and_refusals() -> anyhow::Result<()> {
     let cluster = TestCluster::start(&spread(3, 3), 3).await?;
     let (owner, writer, stranger) = (key(1), key(2), key(3));
     let v1 = owner.create([7; 16], vec![writer.public()], b"one".to_vec());
-    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Written(b) if b == v1));
+    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Written(b) if *b == v1));
     for peer in 0..3 {
         assert_eq!(
             get(&cluster.peers[peer].dir, &v1).await?,
@@ -102,11 +99,11 @@ async fn compare_and_set_through_any_peer_and_refusals() -> anyhow::Result<()> {
     ));
     let stale = owner.write_after(&v1, b"late".to_vec());
     match put(&cluster.peers[1].dir, &stale).await? {
-        Put::Conflict(current) => assert_eq!(current, v2),
+        Put::Conflict(current) => assert_eq!(*current, v2),
         other => panic!("stale write was not refused: {other:?}"),
     }
     // Replaying an older version is a conflict, not a rollback.
-    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Conflict(c) if c == v2));
+    assert!(matches!(put(&cluster.peers[0].dir, &v1).await?, Put::Conflict(c) if *c == v2));
     assert_eq!(get(&cluster.peers[1].dir, &v1).await?, v2);
 
     // Someone the access list does not name is refused.
@@ -163,28 +160,16 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
         },
     });
 
-    let accept = |entry: pb::MutableBlock| PeerRequest {
-        kind: Some(peer_request::Kind::Paxos(pb::PaxosRequest {
-            address: v1.address.0.to_vec(),
-            kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
-                ballot: Some(pb::Ballot {
-                    round: u64::MAX,
-                    node: vec![0xEE; 16],
-                }),
-                base: Some(base.clone()),
-                entry: Some(pb::LogEntry {
-                    kind: Some(pb::log_entry::Kind::Write(entry)),
-                }),
-            })),
-        })),
-    };
     let stranger = key(9).write_after(&v1, b"not yours".to_vec());
     let mut tampered = wire::block_to_wire(&owner.write_after(&v1, b"honest".to_vec()));
     tampered.payload = b"tampered".to_vec();
     for forged in [wire::block_to_wire(&stranger), tampered] {
         for peer in &cluster.peers {
             let reply = transport
-                .request(peer.addr.parse()?, &accept(forged.clone()))
+                .request(
+                    peer.addr.parse()?,
+                    &accept(&v1.address, base.clone(), forged.clone()),
+                )
                 .await?;
             match reply.kind {
                 Some(peer_response::Kind::Paxos(pb::PaxosReply {
@@ -207,21 +192,6 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
         put(&cluster.peers[0].dir, &v2).await?,
         Put::Written(_)
     ));
-    let replay = |base: pb::ChosenState| PeerRequest {
-        kind: Some(peer_request::Kind::Paxos(pb::PaxosRequest {
-            address: v1.address.0.to_vec(),
-            kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
-                ballot: Some(pb::Ballot {
-                    round: u64::MAX,
-                    node: vec![0xEE; 16],
-                }),
-                base: Some(base),
-                entry: Some(pb::LogEntry {
-                    kind: Some(pb::log_entry::Kind::Write(wire::block_to_wire(&v1))),
-                }),
-            })),
-        })),
-    };
     let on_v2 = wire::chosen_to_wire(&shoal_core::paxos::Chosen {
         slot: 2,
         value: Some(v2.clone()),
@@ -233,7 +203,10 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
     for base in [on_v2, base] {
         for peer in &cluster.peers {
             let reply = transport
-                .request(peer.addr.parse()?, &replay(base.clone()))
+                .request(
+                    peer.addr.parse()?,
+                    &accept(&v1.address, base.clone(), wire::block_to_wire(&v1)),
+                )
                 .await?;
             let refused = matches!(
                 reply.kind,
@@ -298,11 +271,11 @@ async fn concurrent_increments_lose_no_acknowledged_write_while_a_replica_dies()
                     tokio::time::timeout(Duration::from_secs(40), put(&dirs[peer], &next)).await;
                 match outcome {
                     Ok(Ok(Put::Written(b))) => {
-                        current = b;
+                        current = *b;
                         mine += 1;
                         acked.fetch_add(1, Ordering::SeqCst);
                     }
-                    Ok(Ok(Put::Conflict(b))) => current = b,
+                    Ok(Ok(Put::Conflict(b))) => current = *b,
                     Ok(Err(_)) | Err(_) => {
                         // The write may or may not have landed; move to
                         // another peer and reread.

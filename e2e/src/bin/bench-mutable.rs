@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde::Serialize;
-use shoal_core::mutable::{MutableBlock, WriterKey};
-use shoal_e2e::{TestCluster, percentile, spread};
+use shoal_core::mutable::WriterKey;
+use shoal_e2e::{Put, TestCluster, percentile, put_mutable, spread};
 use shoal_node::wire;
-use shoal_proto::admin::admin_client::AdminClient;
-use shoal_proto::admin::{GetMutableRequest, PutMutableRequest, put_mutable_reply};
-use tonic::transport::Channel;
+
+use shoal_proto::admin::GetMutableRequest;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -32,26 +31,6 @@ struct Row {
     ops_per_s: f64,
     p50_us: u64,
     p99_us: u64,
-}
-
-enum Put {
-    Written(MutableBlock),
-    Conflict(MutableBlock),
-}
-
-async fn put(client: &mut AdminClient<Channel>, block: &MutableBlock) -> anyhow::Result<Put> {
-    let reply = client
-        .put_mutable(PutMutableRequest {
-            block: Some(wire::block_to_wire(block)),
-        })
-        .await?
-        .into_inner();
-    Ok(
-        match reply.outcome.ok_or_else(|| anyhow::anyhow!("no outcome"))? {
-            put_mutable_reply::Outcome::Written(b) => Put::Written(wire::block_from_wire(b)?),
-            put_mutable_reply::Outcome::Conflict(b) => Put::Conflict(wire::block_from_wire(b)?),
-        },
-    )
 }
 
 fn row(phase: &'static str, seconds: f64, mut micros: Vec<u64>) -> Row {
@@ -84,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
         writers.iter().map(WriterKey::public).collect(),
         vec![0; 128],
     );
-    let Put::Written(_) = put(&mut clients[0], &block).await? else {
+    let Put::Written(_) = put_mutable(&mut clients[0], &block).await? else {
         anyhow::bail!("create conflicted");
     };
     let started = Instant::now();
@@ -92,8 +71,8 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..args.ops {
         let next = owner.write_after(&block, vec![i as u8; 128]);
         let t = Instant::now();
-        match put(&mut clients[0], &next).await? {
-            Put::Written(b) => block = b,
+        match put_mutable(&mut clients[0], &next).await? {
+            Put::Written(b) => block = *b,
             Put::Conflict(_) => anyhow::bail!("uncontended write conflicted"),
         }
         samples.push(t.elapsed().as_micros() as u64);
@@ -130,13 +109,13 @@ async fn main() -> anyhow::Result<()> {
             while Instant::now() < deadline {
                 let next = key.write_after(&current, vec![i as u8; 128]);
                 let t = Instant::now();
-                match put(&mut client, &next).await {
+                match put_mutable(&mut client, &next).await {
                     Ok(Put::Written(b)) => {
-                        current = b;
+                        current = *b;
                         samples.push(t.elapsed().as_micros() as u64);
                     }
                     Ok(Put::Conflict(b)) => {
-                        current = b;
+                        current = *b;
                         conflicts += 1;
                     }
                     // Outcome unknown (the history moved on past it): reread.
