@@ -370,11 +370,29 @@ pub fn counter(block: &MutableBlock) -> u64 {
     u64::from_le_bytes(block.payload.as_slice().try_into().expect("8-byte counter"))
 }
 
-/// Latency percentile (0..=100) of sorted samples, in microseconds.
-pub fn percentile(sorted_micros: &[u64], p: f64) -> u64 {
-    if sorted_micros.is_empty() {
-        return 0;
+/// What a benchmark phase measured: operations, their rate, and latency
+/// percentiles (microseconds).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Summary {
+    pub ops: usize,
+    pub ops_per_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+impl Summary {
+    /// Summarises per-operation latencies taken over `seconds`.
+    pub fn of(mut micros: Vec<u64>, seconds: f64) -> Self {
+        micros.sort_unstable();
+        let percentile = |p: f64| {
+            let rank = ((p / 100.0) * micros.len().saturating_sub(1) as f64).round() as usize;
+            micros.get(rank).copied().unwrap_or(0)
+        };
+        Self {
+            ops: micros.len(),
+            ops_per_s: micros.len() as f64 / seconds,
+            p50_us: percentile(50.0),
+            p99_us: percentile(99.0),
+        }
     }
-    let rank = ((p / 100.0) * (sorted_micros.len() - 1) as f64).round() as usize;
-    sorted_micros[rank.min(sorted_micros.len() - 1)]
 }

@@ -174,6 +174,10 @@ pub fn check(initial: State, events: &[Event], budget: u64) -> Option<bool> {
 mod tests {
     use super::*;
 
+    fn written(expected: u64, value: u64, invoked: u64, completed: u64) -> Event {
+        ev(Op::Written { expected, value }, invoked, completed)
+    }
+
     fn ev(op: Op, invoked: u64, completed: u64) -> Event {
         Event {
             op,
@@ -185,14 +189,7 @@ mod tests {
     #[test]
     fn concurrent_writes_and_reads_in_some_order_are_linearizable() {
         let history = [
-            ev(
-                Op::Written {
-                    expected: 0,
-                    value: 1,
-                },
-                0,
-                10,
-            ),
+            written(0, 1, 0, 10),
             ev(
                 Op::Refused {
                     expected: 0,
@@ -202,14 +199,7 @@ mod tests {
                 12,
             ),
             ev(Op::Read((1, 1)), 2, 5),
-            ev(
-                Op::Written {
-                    expected: 1,
-                    value: 2,
-                },
-                11,
-                20,
-            ),
+            written(1, 2, 11, 20),
             ev(Op::Read((2, 2)), 15, 25),
         ];
         assert_eq!(check((0, 0), &history, 100_000), Some(true));
@@ -217,40 +207,13 @@ mod tests {
 
     #[test]
     fn a_stale_read_after_a_completed_write_is_caught() {
-        let history = [
-            ev(
-                Op::Written {
-                    expected: 0,
-                    value: 1,
-                },
-                0,
-                10,
-            ),
-            ev(Op::Read((0, 0)), 11, 12),
-        ];
+        let history = [written(0, 1, 0, 10), ev(Op::Read((0, 0)), 11, 12)];
         assert_eq!(check((0, 0), &history, 100_000), Some(false));
     }
 
     #[test]
     fn a_lost_acknowledged_write_is_caught() {
-        let history = [
-            ev(
-                Op::Written {
-                    expected: 0,
-                    value: 1,
-                },
-                0,
-                10,
-            ),
-            ev(
-                Op::Written {
-                    expected: 0,
-                    value: 2,
-                },
-                11,
-                20,
-            ),
-        ];
+        let history = [written(0, 1, 0, 10), written(0, 2, 11, 20)];
         assert_eq!(check((0, 0), &history, 100_000), Some(false));
     }
 
@@ -278,14 +241,7 @@ mod tests {
                 invoked: 0,
                 completed: None,
             },
-            ev(
-                Op::Written {
-                    expected: 0,
-                    value: 3,
-                },
-                5,
-                6,
-            ),
+            written(0, 3, 5, 6),
         ];
         assert_eq!(check((0, 0), &never, 100_000), Some(true));
     }

@@ -9,7 +9,7 @@ use clap::Parser;
 use futures::StreamExt;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
-use shoal_e2e::{TestCluster, percentile, spread};
+use shoal_e2e::{Summary, TestCluster, spread};
 use shoal_proto::admin::{GetBlockRequest, PutBlockRequest};
 
 #[derive(Debug, Parser)]
@@ -29,11 +29,9 @@ struct Args {
 struct Row {
     op: &'static str,
     block_bytes: usize,
-    ops: usize,
-    ops_per_s: f64,
     mib_per_s: f64,
-    p50_us: u64,
-    p99_us: u64,
+    #[serde(flatten)]
+    summary: Summary,
 }
 
 #[tokio::main]
@@ -122,11 +120,11 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 "4 KiB"
             },
-            r.ops,
-            r.ops_per_s,
+            r.summary.ops,
+            r.summary.ops_per_s,
             r.mib_per_s,
-            r.p50_us as f64 / 1000.0,
-            r.p99_us as f64 / 1000.0
+            r.summary.p50_us as f64 / 1000.0,
+            r.summary.p99_us as f64 / 1000.0
         );
     }
     println!(
@@ -142,16 +140,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn row(op: &'static str, size: usize, seconds: f64, mut micros: Vec<u64>) -> Row {
-    micros.sort_unstable();
-    let ops = micros.len();
+fn row(op: &'static str, size: usize, seconds: f64, micros: Vec<u64>) -> Row {
+    let summary = Summary::of(micros, seconds);
     Row {
         op,
         block_bytes: size,
-        ops,
-        ops_per_s: ops as f64 / seconds,
-        mib_per_s: (ops * size) as f64 / seconds / (1 << 20) as f64,
-        p50_us: percentile(&micros, 50.0),
-        p99_us: percentile(&micros, 99.0),
+        mib_per_s: summary.ops_per_s * size as f64 / (1 << 20) as f64,
+        summary,
     }
 }

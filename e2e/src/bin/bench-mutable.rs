@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde::Serialize;
 use shoal_core::mutable::WriterKey;
-use shoal_e2e::{Put, TestCluster, percentile, put_mutable, spread};
+use shoal_e2e::{Put, Summary, TestCluster, put_mutable, spread};
 use shoal_node::wire;
 
 use shoal_proto::admin::GetMutableRequest;
@@ -27,20 +27,14 @@ struct Args {
 #[derive(Debug, Serialize)]
 struct Row {
     phase: &'static str,
-    ops: usize,
-    ops_per_s: f64,
-    p50_us: u64,
-    p99_us: u64,
+    #[serde(flatten)]
+    summary: Summary,
 }
 
-fn row(phase: &'static str, seconds: f64, mut micros: Vec<u64>) -> Row {
-    micros.sort_unstable();
+fn row(phase: &'static str, seconds: f64, micros: Vec<u64>) -> Row {
     Row {
         phase,
-        ops: micros.len(),
-        ops_per_s: micros.len() as f64 / seconds,
-        p50_us: percentile(&micros, 50.0),
-        p99_us: percentile(&micros, 99.0),
+        summary: Summary::of(micros, seconds),
     }
 }
 
@@ -158,10 +152,10 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{:<26} {:>7} {:>9.0} {:>9.2} {:>9.2}",
             r.phase,
-            r.ops,
-            r.ops_per_s,
-            r.p50_us as f64 / 1000.0,
-            r.p99_us as f64 / 1000.0
+            r.summary.ops,
+            r.summary.ops_per_s,
+            r.summary.p50_us as f64 / 1000.0,
+            r.summary.p99_us as f64 / 1000.0
         );
     }
     println!(
