@@ -291,9 +291,148 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        // Mounts inside the cluster's dir go first: a FUSE mount whose peer
+        // died would otherwise stay behind.
+        for target in mounts_under(self.root.path()) {
+            detach(&target);
+        }
         for i in 0..self.peers.len() {
             self.kill(i);
         }
+    }
+}
+
+/// FUSE mount points at or under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    mounts_under(dir).iter().any(|p| p == dir)
+}
+
+/// Lazily unmounts `target` (works on a mount whose server died).
+pub fn detach(target: &Path) {
+    let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// A volume mounted by a `shoal mount` process through one peer; dropping
+/// it stops that process (which unmounts) and detaches what is left.
+#[derive(Debug)]
+pub struct Mount {
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mount {
+    /// Stops `shoal mount` with SIGTERM and checks it unmounted cleanly.
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let signalled = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let status = wait_child(&mut child, Duration::from_secs(30))?;
+        signalled?;
+        anyhow::ensure!(status.success(), "shoal mount exited with {status}");
+        anyhow::ensure!(
+            !is_mounted(&self.dir),
+            "{} still mounted",
+            self.dir.display()
+        );
+        Ok(())
+    }
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("process {} did not exit within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = wait_child(&mut child, Duration::from_secs(30));
+        }
+        if is_mounted(&self.dir) {
+            detach(&self.dir);
+        }
+    }
+}
+
+impl TestCluster {
+    /// `shoal volume create NAME --size SIZE` through peer `peer`.
+    pub fn create_volume(&self, peer: usize, name: &str, size: &str) -> anyhow::Result<()> {
+        let dir = self.peers[peer].dir.to_str().expect("utf-8 path");
+        let out = shoal(&["volume", "create", name, "--size", size, "--dir", dir]);
+        anyhow::ensure!(
+            out.status.success(),
+            "volume create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Mounts `volume` through peer `peer` at a new directory `name` in the
+    /// cluster's dir, with `shoal mount`, and waits for the mount.
+    pub fn mount(&self, peer: usize, volume: &str, name: &str) -> anyhow::Result<Mount> {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir)?;
+        let dir = dir.canonicalize()?;
+        self.mount_at(peer, volume, &dir)
+    }
+
+    /// Mounts `volume` through peer `peer` at an existing directory.
+    pub fn mount_at(&self, peer: usize, volume: &str, dir: &Path) -> anyhow::Result<Mount> {
+        let log = std::fs::File::create(self.root.path().join(format!(
+            "mount-{}.log",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("mnt")
+        )))?;
+        let child = Command::new(shoal_bin())
+            .arg("mount")
+            .arg(volume)
+            .arg(dir)
+            .arg("--dir")
+            .arg(&self.peers[peer].dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start shoal mount")?;
+        let mut mount = Mount {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(dir) {
+            let child = mount.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait()? {
+                mount.child = None;
+                bail!("shoal mount exited with {status} before mounting");
+            }
+            if Instant::now() > deadline {
+                bail!("{} not mounted within 30 s", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(mount)
     }
 }
 

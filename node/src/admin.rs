@@ -10,6 +10,11 @@ use shoal_core::{Address, NodeInfo, NodeState};
 use shoal_proto::admin::admin_client::AdminClient;
 use shoal_proto::admin::admin_server::{Admin, AdminServer};
 use shoal_proto::admin::{
+    CreateVolumeRequest, DeleteVolumeReply, DeleteVolumeRequest, ListVolumesReply,
+    ListVolumesRequest, MountReply, MountRequest, ResizeVolumeRequest, UnmountReply,
+    UnmountRequest, Volume, VolumeReply,
+};
+use shoal_proto::admin::{
     GetBlockReply, GetBlockRequest, GetMutableReply, GetMutableRequest, IsolateReply,
     IsolateRequest, ListLocalBlocksReply, ListLocalBlocksRequest, LocateBlockReply,
     LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, PutMutableReply, PutMutableRequest,
@@ -22,6 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::blocks::{BlockError, Blocks};
 use crate::consensus::{Consensus, ConsensusError, PutOutcome};
+use crate::fs::{MountError, Mounts, VolumeError, VolumeInfo};
 use crate::gossip::Gossip;
 use crate::wire;
 
@@ -39,6 +45,38 @@ struct AdminService {
     consensus: Arc<Consensus>,
     gossip: Gossip,
     me: shoal_core::NodeId,
+    mounts: Arc<Mounts>,
+}
+
+fn volume_status(e: VolumeError) -> Status {
+    match e {
+        VolumeError::NoKeyring => Status::failed_precondition(e.to_string()),
+        VolumeError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        VolumeError::Exists(_) => Status::already_exists(e.to_string()),
+        VolumeError::NotFound(_) => Status::not_found(e.to_string()),
+        VolumeError::Meta(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn mount_status(e: MountError) -> Status {
+    match e {
+        MountError::Volume(e) => volume_status(e),
+        MountError::NoTarget(_) | MountError::NotMounted(_) => Status::not_found(e.to_string()),
+        MountError::NotDirectory(_) => Status::invalid_argument(e.to_string()),
+        MountError::Busy(..) => Status::already_exists(e.to_string()),
+        MountError::Io(..) => Status::internal(e.to_string()),
+    }
+}
+
+fn volume(info: &VolumeInfo) -> Volume {
+    Volume {
+        name: info.record.name.clone(),
+        size: info.record.size,
+        used: info.usage.bytes.max(0) as u64,
+        replicas: info.record.replicas,
+        files: info.usage.files.max(0) as u64,
+        created: info.record.created,
+    }
 }
 
 fn member(n: &NodeInfo) -> Member {
@@ -225,6 +263,99 @@ impl Admin for AdminService {
         self.blocks.transport().set_unreachable(peers);
         Ok(Response::new(IsolateReply {}))
     }
+
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let r = request.into_inner();
+        let volumes = self.mounts.volumes();
+        let replicas = (r.replicas != 0).then_some(r.replicas);
+        let record = volumes
+            .create(&r.name, r.size, replicas)
+            .await
+            .map_err(volume_status)?;
+        let info = VolumeInfo {
+            record,
+            usage: Default::default(),
+        };
+        Ok(Response::new(VolumeReply {
+            volume: Some(volume(&info)),
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesReply>, Status> {
+        let list = self.mounts.volumes().list().await.map_err(volume_status)?;
+        Ok(Response::new(ListVolumesReply {
+            volumes: list.iter().map(volume).collect(),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeReply>, Status> {
+        let name = request.into_inner().name;
+        if let Some((_, target)) = self.mounts.list().into_iter().find(|(v, _)| *v == name) {
+            return Err(Status::failed_precondition(format!(
+                "volume {name} is mounted at {}; unmount it first",
+                target.display()
+            )));
+        }
+        self.mounts
+            .volumes()
+            .delete(&name)
+            .await
+            .map_err(volume_status)?;
+        Ok(Response::new(DeleteVolumeReply {}))
+    }
+
+    async fn resize_volume(
+        &self,
+        request: Request<ResizeVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let r = request.into_inner();
+        let volumes = self.mounts.volumes();
+        let record = volumes
+            .resize(&r.name, r.size)
+            .await
+            .map_err(volume_status)?;
+        let usage = volumes.usage(&record).await.map_err(volume_status)?;
+        Ok(Response::new(VolumeReply {
+            volume: Some(volume(&VolumeInfo { record, usage })),
+        }))
+    }
+
+    async fn mount(&self, request: Request<MountRequest>) -> Result<Response<MountReply>, Status> {
+        let r = request.into_inner();
+        let target = PathBuf::from(&r.target);
+        if !target.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "mount point {:?} is not an absolute path",
+                r.target
+            )));
+        }
+        let target = self
+            .mounts
+            .mount(&r.volume, &target, r.read_only)
+            .await
+            .map_err(mount_status)?;
+        Ok(Response::new(MountReply {
+            target: target.display().to_string(),
+        }))
+    }
+
+    async fn unmount(
+        &self,
+        request: Request<UnmountRequest>,
+    ) -> Result<Response<UnmountReply>, Status> {
+        let target = PathBuf::from(request.into_inner().target);
+        self.mounts.unmount(&target).await.map_err(mount_status)?;
+        Ok(Response::new(UnmountReply {}))
+    }
 }
 
 fn consensus_status(e: ConsensusError) -> Status {
@@ -246,6 +377,7 @@ pub async fn serve(
     consensus: Arc<Consensus>,
     gossip: Gossip,
     me: shoal_core::NodeId,
+    mounts: Arc<Mounts>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let path = socket_path(dir);
@@ -258,6 +390,7 @@ pub async fn serve(
         consensus,
         gossip,
         me,
+        mounts,
     })
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);

@@ -11,7 +11,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use shoal_proto::admin::{NodeState, StatusRequest};
+use shoal_proto::admin::{
+    CreateVolumeRequest, MountRequest, NodeState, StatusRequest, UnmountRequest,
+};
 use tokio::process::{Child, Command};
 
 use crate::cli::{PolicyArgs, parse_size};
@@ -20,6 +22,7 @@ use crate::{admin, identity};
 pub const DEFAULT_DATA_DIR: &str = "shoal-data";
 /// The peer the CLI talks to by default: the first of `cluster up`.
 pub const DEFAULT_PEER_DIR: &str = "shoal-data/node-1";
+pub const DEFAULT_MOUNT: &str = "shoal-mnt";
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
 #[derive(Debug, Args)]
@@ -36,6 +39,15 @@ pub struct ClusterUp {
     /// Bytes each peer offers for blocks.
     #[arg(long, default_value = "10GiB", value_parser = parse_size)]
     capacity: u64,
+    /// Volume to create (if missing) and mount.
+    #[arg(long, default_value = "default")]
+    volume: String,
+    /// Where to mount the volume.
+    #[arg(long, default_value = DEFAULT_MOUNT)]
+    mount: PathBuf,
+    /// Start the peers only; mount nothing.
+    #[arg(long)]
+    no_mount: bool,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -59,6 +71,7 @@ pub async fn up(args: ClusterUp) -> anyhow::Result<()> {
     if !args.dir.join(identity::CA_CERT_FILE).exists() {
         identity::init_ca(&args.dir)?;
     }
+    identity::ensure_keyring(&args.dir)?;
     let exe = std::env::current_exe().context("cannot find the shoal binary")?;
     let first = format!("127.0.0.1:{}", args.base_port);
     let mut peers = Vec::with_capacity(nodes);
@@ -104,9 +117,13 @@ pub async fn up(args: ClusterUp) -> anyhow::Result<()> {
         }
     }
 
+    let mut mounted = None;
     let result = async {
         wait_until_joined(&mut peers, Duration::from_secs(60)).await?;
-        print_usage(&args, &peers);
+        if !args.no_mount {
+            mounted = Some(mount_volume(&args, &peers[0].dir).await?);
+        }
+        print_usage(&args, &peers, mounted.as_deref());
         tokio::select! {
             _ = crate::cli::shutdown_signal() => {
                 println!("stopping {nodes} peers...");
@@ -116,11 +133,58 @@ pub async fn up(args: ClusterUp) -> anyhow::Result<()> {
         }
     }
     .await;
+    if let Some(target) = mounted
+        && let Ok(mut client) = admin::connect(&peers[0].dir).await
+        && let Err(e) = client
+            .unmount(UnmountRequest {
+                target: target.clone(),
+            })
+            .await
+    {
+        eprintln!("shoal: unmounting {target}: {}", e.message());
+    }
     stop(&mut peers).await;
     if result.is_ok() {
         println!("stopped; data stays in {}", args.dir.display());
     }
     result
+}
+
+/// Creates the volume unless it exists and mounts it through `peer`;
+/// returns the mount point.
+async fn mount_volume(args: &ClusterUp, peer: &Path) -> anyhow::Result<String> {
+    let mut client = admin::connect(peer).await?;
+    match client
+        .create_volume(CreateVolumeRequest {
+            name: args.volume.clone(),
+            size: args.volume_size(),
+            replicas: 0,
+        })
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => bail!("cannot create volume {}: {}", args.volume, s.message()),
+    }
+    std::fs::create_dir_all(&args.mount)
+        .with_context(|| format!("cannot create mount point {}", args.mount.display()))?;
+    let target = args.mount.canonicalize()?;
+    let reply = client
+        .mount(MountRequest {
+            volume: args.volume.clone(),
+            target: target.display().to_string(),
+            read_only: false,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("cannot mount volume {}: {}", args.volume, s.message()))?;
+    Ok(reply.into_inner().target)
+}
+
+impl ClusterUp {
+    /// The volume may use what the cluster can hold once replicated.
+    fn volume_size(&self) -> u64 {
+        self.capacity * u64::from(self.nodes) / u64::from(self.policy.replicas.max(1))
+    }
 }
 
 async fn wait_for_socket(peer: &mut LocalPeer, limit: Duration) -> anyhow::Result<()> {
@@ -210,7 +274,7 @@ async fn stop(peers: &mut [LocalPeer]) {
     }
 }
 
-fn print_usage(args: &ClusterUp, peers: &[LocalPeer]) {
+fn print_usage(args: &ClusterUp, peers: &[LocalPeer], mounted: Option<&str>) {
     let first = &peers[0].dir;
     println!(
         "Shoal cluster up: {} peers on 127.0.0.1:{}-{}, replication {} across {}s.",
@@ -221,9 +285,13 @@ fn print_usage(args: &ClusterUp, peers: &[LocalPeer]) {
         args.policy.failure_domain
     );
     println!("Data and logs: {}", args.dir.display());
+    if let Some(target) = mounted {
+        println!("Volume {} is mounted at {target}.", args.volume);
+    }
     println!();
     println!("Try, in another terminal:");
     println!("  shoal status --dir {}", first.display());
+    println!("  shoal volume list --dir {}", first.display());
     println!("  shoal block put README.md --dir {}", first.display());
     println!("  shoal block get ADDRESS --dir {}", first.display());
     println!();

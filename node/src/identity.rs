@@ -16,6 +16,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use shoal_core::NodeId;
+use shoal_core::fs::Keyring;
 
 /// The name every peer certificate carries and every peer expects: trust
 /// comes from the CA's signature; the node id comes from the key.
@@ -25,6 +26,8 @@ pub const ALPN: &[u8] = b"shoal/1";
 
 pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";
+/// The cluster keyring (wraps volume keys), beside the CA.
+pub const KEYRING_FILE: &str = "keyring.key";
 pub const NODE_CERT_FILE: &str = "node.crt";
 pub const NODE_KEY_FILE: &str = "node.key";
 
@@ -94,7 +97,38 @@ pub fn init_ca(dir: &Path) -> Result<(), IdentityError> {
     params.not_after = rcgen::date_time_ymd(2126, 1, 1);
     let cert = params.self_signed(&key)?;
     write_private(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
+    ensure_keyring(dir)?;
     write_private(&cert_path, &cert.pem(), 0o644)
+}
+
+/// Creates the cluster keyring in `dir` unless there is one (clusters made
+/// before volumes existed get theirs here).
+pub fn ensure_keyring(dir: &Path) -> Result<(), IdentityError> {
+    let path = dir.join(KEYRING_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let mut ring = [0u8; 32];
+    rand::fill(&mut ring);
+    write_private(&path, &hex::encode(ring), 0o600)
+}
+
+/// The cluster keyring in `dir`, if this cluster has one (peers without it
+/// store blocks but cannot create or mount volumes).
+pub fn load_keyring(dir: &Path) -> Result<Option<Keyring>, IdentityError> {
+    let path = dir.join(KEYRING_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = read(&path)?;
+    let bytes: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| IdentityError::Invalid {
+            path: path.clone(),
+            reason: "expected 64 hex digits".into(),
+        })?;
+    Ok(Some(Keyring::from_bytes(bytes)))
 }
 
 /// A peer's TLS identity: its certificate chain, key, and the CA it trusts.

@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod cli;
 pub mod cluster;
 pub mod consensus;
+pub mod fs;
 pub mod gossip;
 pub mod identity;
 pub mod peer;

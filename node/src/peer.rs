@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::blocks::{BlockConfig, Blocks, error_response};
 use crate::consensus::{self, ClusterNetwork, Consensus, ConsensusConfig, QuorumMaintenance};
+use crate::fs::{Mounts, Volumes};
 use crate::gossip::{Gossip, GossipConfig, Member};
 use crate::identity::NodeIdentity;
 use crate::store::BlockStore;
@@ -46,6 +47,7 @@ pub struct Peer {
     dir: PathBuf,
     pub blocks: Arc<Blocks>,
     pub consensus: Arc<Consensus>,
+    pub mounts: Arc<Mounts>,
     gossip: Gossip,
     transport: Arc<Transport>,
     me: shoal_core::NodeId,
@@ -166,10 +168,14 @@ impl Peer {
             let transport = transport.clone();
             tokio::spawn(async move { transport.serve(handler, datagram_tx).await });
         }
+        let keyring = crate::identity::load_keyring(&config.ca_dir)?;
+        let volumes = Volumes::new(consensus.clone(), keyring, policy.replicas);
+        let mounts = Arc::new(Mounts::new(volumes, blocks.clone()));
         let peer = Self {
             dir: config.dir.clone(),
             blocks,
             consensus,
+            mounts,
             gossip,
             transport,
             me,
@@ -234,9 +240,11 @@ impl Peer {
             self.consensus.clone(),
             self.gossip.clone(),
             self.me,
+            self.mounts.clone(),
             shutdown,
         )
         .await;
+        self.mounts.unmount_all().await;
         info!("leaving the cluster");
         self.gossip.leave().await;
         self.transport.close().await;

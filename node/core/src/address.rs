@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 /// The address of a block. For an immutable block it is blake3 of the block's
 /// bytes, so any holder of the bytes can check them against it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Address(pub [u8; 32]);
 
 impl Address {

@@ -7,9 +7,11 @@
 //! - [`block`]: validation of immutable blocks.
 //! - [`mutable`]: signed, versioned mutable blocks and their rules.
 //! - [`paxos`]: per-block Multi-Paxos as a pure state machine.
+//! - [`fs`]: the filesystem model: volumes, inodes, directory shards, keys.
 
 pub mod address;
 pub mod block;
+pub mod fs;
 pub mod membership;
 pub mod mutable;
 pub mod paxos;

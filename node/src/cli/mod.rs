@@ -1,5 +1,7 @@
 //! The `shoal` command line.
 
+mod volume;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -47,6 +49,27 @@ enum Command {
     /// Your writer key for mutable blocks.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Create, list, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Mount a volume at DIR through the local peer; Ctrl-C or SIGTERM
+    /// unmounts.
+    Mount {
+        volume: String,
+        #[arg(value_name = "DIR")]
+        target: PathBuf,
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Unmount a volume the local peer mounted at DIR.
+    Umount {
+        #[arg(value_name = "DIR")]
+        target: PathBuf,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,10 +147,10 @@ struct NodeRun {
 }
 
 #[derive(Debug, Args)]
-struct PeerArgs {
+pub struct PeerArgs {
     /// Data dir of the local peer to ask.
     #[arg(long, env = "SHOAL_DIR", default_value = cluster::DEFAULT_PEER_DIR)]
-    dir: PathBuf,
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,6 +335,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Drain(peer)) => set_draining(&peer.dir, true).await,
         Command::Node(NodeCommand::Undrain(peer)) => set_draining(&peer.dir, false).await,
         Command::Status(peer) => status(&peer.dir).await,
+        Command::Volume(command) => volume::run(command).await,
+        Command::Mount {
+            volume,
+            target,
+            read_only,
+            peer,
+        } => volume::mount(volume, target, read_only, peer).await,
+        Command::Umount { target, peer } => volume::umount(target, peer).await,
         Command::Block(BlockCommand::Put { file, peer }) => {
             let data =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -582,4 +613,14 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
         reply.replication, reply.failure_domain
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,184 @@
+//! `shoal volume …`, `shoal mount` and `shoal umount`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use shoal_proto::admin::{
+    CreateVolumeRequest, DeleteVolumeRequest, ListVolumesRequest, MountRequest,
+    ResizeVolumeRequest, UnmountRequest, Volume,
+};
+
+use super::{PeerArgs, parse_size, shutdown_signal, status_error};
+use crate::admin;
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (an empty POSIX filesystem).
+    Create {
+        name: String,
+        /// Size limit, e.g. 10GiB.
+        #[arg(long, default_value = "10GiB", value_parser = parse_size)]
+        size: u64,
+        /// Replicas of every block (default: the cluster's).
+        #[arg(long)]
+        replicas: Option<u32>,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// List volumes with their size, use and files.
+    List {
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Delete a volume (it must not be mounted).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Change a volume's size limit.
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+}
+
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+fn print_volume(v: &Volume) {
+    println!(
+        "volume {}: {} (used {}), {} replicas, {} files",
+        v.name,
+        size(v.size),
+        size(v.used),
+        v.replicas,
+        v.files
+    );
+}
+
+pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
+    match command {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            peer,
+        } => {
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .create_volume(CreateVolumeRequest {
+                    name,
+                    size,
+                    replicas: replicas.unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?;
+            if let Some(v) = reply.into_inner().volume {
+                print_volume(&v);
+            }
+        }
+        VolumeCommand::List { peer } => {
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .list_volumes(ListVolumesRequest {})
+                .await
+                .map_err(status_error)?;
+            let mut table = Table::new();
+            table.load_preset(UTF8_BORDERS_ONLY);
+            table.set_header(["NAME", "SIZE", "USED", "REPLICAS", "FILES"]);
+            for v in reply.into_inner().volumes {
+                table.add_row([
+                    v.name.clone(),
+                    size(v.size),
+                    size(v.used),
+                    v.replicas.to_string(),
+                    v.files.to_string(),
+                ]);
+            }
+            println!("{table}");
+        }
+        VolumeCommand::Delete { name, peer } => {
+            admin::connect(&peer.dir)
+                .await?
+                .delete_volume(DeleteVolumeRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("deleted volume {name}");
+        }
+        VolumeCommand::Resize { name, size, peer } => {
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .resize_volume(ResizeVolumeRequest { name, size })
+                .await
+                .map_err(status_error)?;
+            if let Some(v) = reply.into_inner().volume {
+                print_volume(&v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The absolute form of a mount point the user named.
+fn absolute(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if !dir.exists() {
+        anyhow::bail!("mount point {} does not exist", dir.display());
+    }
+    dir.canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+/// Asks the local peer to mount `volume` at `dir`, keeps it mounted until
+/// Ctrl-C or SIGTERM, then unmounts.
+pub async fn mount(
+    volume: String,
+    dir: PathBuf,
+    read_only: bool,
+    peer: PeerArgs,
+) -> anyhow::Result<()> {
+    let target = absolute(&dir)?;
+    let mut client = admin::connect(&peer.dir).await?;
+    let reply = client
+        .mount(MountRequest {
+            volume: volume.clone(),
+            target: target.display().to_string(),
+            read_only,
+        })
+        .await
+        .map_err(status_error)?;
+    let target = reply.into_inner().target;
+    eprintln!("volume {volume} mounted at {target}; Ctrl-C unmounts");
+    shutdown_signal().await;
+    client
+        .unmount(UnmountRequest {
+            target: target.clone(),
+        })
+        .await
+        .map_err(status_error)?;
+    eprintln!("unmounted {target}");
+    Ok(())
+}
+
+pub async fn umount(dir: PathBuf, peer: PeerArgs) -> anyhow::Result<()> {
+    let target = match dir.canonicalize() {
+        Ok(t) => t,
+        // A dead mount cannot be resolved; use the path as given.
+        Err(_) => std::path::absolute(&dir)?,
+    };
+    admin::connect(&peer.dir)
+        .await?
+        .unmount(UnmountRequest {
+            target: target.display().to_string(),
+        })
+        .await
+        .map_err(status_error)?;
+    println!("unmounted {}", target.display());
+    Ok(())
+}

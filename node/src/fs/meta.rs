@@ -1,0 +1,258 @@
+//! A volume's mutable blocks, typed: read, create and compare-and-set
+//! updates of sealed structures (inodes, directory shards, usage), with
+//! conflicts resolved by re-applying the change to the version that won.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_core::Address;
+use shoal_core::fs::crypt::NONCE_LEN;
+use shoal_core::fs::{Keyring, VolumeKey};
+use shoal_core::mutable::{MutableBlock, WriterKey, derive_address};
+
+use crate::consensus::{Consensus, ConsensusError, PutOutcome};
+
+/// How many times a compare-and-set is re-applied before giving up.
+const MAX_ATTEMPTS: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error(transparent)]
+    Consensus(#[from] ConsensusError),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("gave up after {MAX_ATTEMPTS} conflicting updates of {0}")]
+    Contended(Address),
+}
+
+/// A change to one block: given the current value (if the block exists),
+/// return the new value, or `None` to leave the block as it is.
+pub trait Change<T> {
+    type Output;
+    fn apply(&mut self, current: Option<&T>) -> (Option<T>, Self::Output);
+}
+
+impl<T, O, F: FnMut(Option<&T>) -> (Option<T>, O)> Change<T> for F {
+    type Output = O;
+    fn apply(&mut self, current: Option<&T>) -> (Option<T>, O) {
+        self(current)
+    }
+}
+
+/// Structures stored sealed in a volume's mutable blocks.
+pub trait Sealed: Sized {
+    fn to_bytes(&self) -> Vec<u8>;
+    fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError>;
+}
+
+macro_rules! sealed {
+    ($($t:ty),*) => {$(
+        impl Sealed for $t {
+            fn to_bytes(&self) -> Vec<u8> { <$t>::to_bytes(self) }
+            fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError> { <$t>::from_bytes(bytes) }
+        }
+    )*};
+}
+sealed!(
+    shoal_core::fs::Inode,
+    shoal_core::fs::Shard,
+    shoal_core::fs::Usage,
+    shoal_core::fs::VolumeRecord,
+    shoal_core::fs::Catalogue
+);
+
+/// Who owns a family of named blocks: the key that signs them, the salts
+/// that place them and the key that seals them.
+pub trait Keys: std::fmt::Debug + Clone + Send + Sync + 'static {
+    fn writer(&self) -> WriterKey;
+    fn salt(&self, what: &[u8]) -> [u8; 16];
+    fn seal(&self, nonce: [u8; NONCE_LEN], plain: &[u8]) -> Vec<u8>;
+    fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, shoal_core::fs::FsError>;
+}
+
+/// The blocks of one volume: its key, and its id (so that a re-created
+/// volume of the same name shares no block with the old one).
+#[derive(Debug, Clone)]
+pub struct VolumeKeys {
+    pub key: VolumeKey,
+    pub id: [u8; 16],
+}
+
+impl Keys for VolumeKeys {
+    fn writer(&self) -> WriterKey {
+        self.key.writer()
+    }
+    fn salt(&self, what: &[u8]) -> [u8; 16] {
+        let mut input = self.id.to_vec();
+        input.extend_from_slice(what);
+        self.key.salt(&input)
+    }
+    fn seal(&self, nonce: [u8; NONCE_LEN], plain: &[u8]) -> Vec<u8> {
+        self.key.seal_meta(nonce, plain)
+    }
+    fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, shoal_core::fs::FsError> {
+        self.key.open_meta(sealed)
+    }
+}
+
+/// The cluster's named blocks: volume records and the volume list.
+impl Keys for Keyring {
+    fn writer(&self) -> WriterKey {
+        Keyring::writer(self)
+    }
+    fn salt(&self, what: &[u8]) -> [u8; 16] {
+        self.name_salt(&String::from_utf8_lossy(what))
+    }
+    fn seal(&self, nonce: [u8; NONCE_LEN], plain: &[u8]) -> Vec<u8> {
+        Keyring::seal(self, nonce, plain)
+    }
+    fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, shoal_core::fs::FsError> {
+        Keyring::open(self, sealed)
+    }
+}
+
+/// Typed access to the mutable blocks one [`Keys`] owns.
+#[derive(Debug, Clone)]
+pub struct Meta<K> {
+    consensus: Arc<Consensus>,
+    keys: K,
+    writer: WriterKey,
+}
+
+impl<K: Keys> Meta<K> {
+    pub fn new(consensus: Arc<Consensus>, keys: K) -> Self {
+        let writer = keys.writer();
+        Self {
+            consensus,
+            keys,
+            writer,
+        }
+    }
+
+    pub fn keys(&self) -> &K {
+        &self.keys
+    }
+
+    fn salt(&self, what: &[u8]) -> [u8; 16] {
+        self.keys.salt(what)
+    }
+
+    /// The address of the block named `what` in this volume.
+    pub fn address(&self, what: &[u8]) -> Address {
+        derive_address(&self.writer.public(), &self.salt(what))
+    }
+
+    pub fn inode_name(ino: u64) -> Vec<u8> {
+        let mut v = b"inode".to_vec();
+        v.extend_from_slice(&ino.to_le_bytes());
+        v
+    }
+
+    fn open<T: Sealed>(&self, block: &MutableBlock) -> Result<T, MetaError> {
+        let plain = self
+            .keys
+            .open(&block.payload)
+            .map_err(|e| MetaError::Corrupt(format!("block {}: {e}", block.address)))?;
+        T::from_bytes(&plain)
+            .map_err(|e| MetaError::Corrupt(format!("block {}: {e}", block.address)))
+    }
+
+    fn seal<T: Sealed>(&self, value: &T) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce);
+        self.keys.seal(nonce, &value.to_bytes())
+    }
+
+    /// A linearizable read: the value and the version it came from.
+    pub async fn read<T: Sealed>(
+        &self,
+        what: &[u8],
+    ) -> Result<Option<(T, MutableBlock)>, MetaError> {
+        let address = self.address(what);
+        match self.consensus.get(address).await {
+            Ok(block) => Ok(Some((self.open(&block)?, block))),
+            Err(ConsensusError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates the block with `value`; `Ok(false)` if it already exists.
+    pub async fn create<T: Sealed>(&self, what: &[u8], value: &T) -> Result<bool, MetaError> {
+        let block = self.writer.create(
+            self.salt(what),
+            vec![self.writer.public()],
+            self.seal(value),
+        );
+        match self.put(block).await? {
+            PutOutcome::Written(_) => Ok(true),
+            PutOutcome::Conflict(_) => Ok(false),
+        }
+    }
+
+    async fn put(&self, block: MutableBlock) -> Result<PutOutcome, MetaError> {
+        let address = block.address;
+        for _ in 0..3 {
+            match self.consensus.put(block.clone()).await {
+                // The write may have landed: read what is current and let
+                // the caller's comparison decide.
+                Err(ConsensusError::Indeterminate { .. }) => {
+                    let current = self.consensus.get(address).await?;
+                    return Ok(if current == block {
+                        PutOutcome::Written(block)
+                    } else {
+                        PutOutcome::Conflict(current)
+                    });
+                }
+                Err(ConsensusError::Unavailable { .. }) => continue,
+                other => return Ok(other?),
+            }
+        }
+        Ok(self.consensus.put(block).await?)
+    }
+
+    /// Applies `change` to the block, starting from `known` (the version the
+    /// caller last saw, if any) and re-applying it to whichever version won
+    /// each conflict. Returns the change's output and the version now
+    /// current (`None` if the block does not exist and was not created).
+    pub async fn update<T: Sealed, C: Change<T>>(
+        &self,
+        what: &[u8],
+        known: Option<MutableBlock>,
+        mut change: C,
+    ) -> Result<(C::Output, Option<(T, MutableBlock)>), MetaError> {
+        let address = self.address(what);
+        let mut current: Option<MutableBlock> = match known {
+            Some(b) => Some(b),
+            None => match self.consensus.get(address).await {
+                Ok(b) => Some(b),
+                Err(ConsensusError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        for attempt in 0..MAX_ATTEMPTS {
+            let value: Option<T> = current.as_ref().map(|b| self.open(b)).transpose()?;
+            let (new, output) = change.apply(value.as_ref());
+            let Some(new) = new else {
+                return Ok((output, value.zip(current)));
+            };
+            let payload = self.seal(&new);
+            let block = match &current {
+                Some(c) => self.writer.write_after(c, payload),
+                None => self
+                    .writer
+                    .create(self.salt(what), vec![self.writer.public()], payload),
+            };
+            match self.put(block).await? {
+                PutOutcome::Written(b) => return Ok((output, Some((new, b)))),
+                PutOutcome::Conflict(now) => {
+                    current = Some(now);
+                    if attempt > 2 {
+                        let ms = rand::random_range(1..(attempt as u64 * 2).min(50));
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                }
+            }
+        }
+        Err(MetaError::Contended(address))
+    }
+}

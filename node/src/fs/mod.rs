@@ -1,0 +1,37 @@
+//! Volumes and the POSIX filesystem on them, mounted with FUSE inside the
+//! peer: the peer is long-lived and owns the block traffic, so a mount is
+//! served without any extra hop.
+
+pub mod filesystem;
+pub mod fuse;
+pub mod meta;
+pub mod mounts;
+pub mod volumes;
+
+pub use filesystem::VolumeFs;
+pub use mounts::{MountError, Mounts};
+pub use volumes::{VolumeError, VolumeInfo, Volumes};
+
+use shoal_core::fs::Timestamp;
+use shoal_core::fs::inode::ROOT_INO;
+
+/// The current time as inodes record it.
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        secs: d.as_secs() as i64,
+        nanos: d.subsec_nanos(),
+    }
+}
+
+/// A fresh inode number: random, so mounts never need to agree on one.
+fn new_ino() -> u64 {
+    loop {
+        let ino: u64 = rand::random();
+        if ino > ROOT_INO {
+            return ino;
+        }
+    }
+}
