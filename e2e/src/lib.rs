@@ -316,7 +316,20 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 pub fn is_mounted(dir: &Path) -> bool {
-    mounts_under(dir).iter().any(|p| p == dir)
+    !mount_ids(dir).is_empty()
+}
+
+/// The kernel's ids of the mounts at exactly `dir`.
+fn mount_ids(dir: &Path) -> Vec<u64> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let id = f.next()?.parse().ok()?;
+            let at = f.nth(3)?.replace("\\040", " ");
+            (Path::new(&at) == dir).then_some(id)
+        })
+        .collect()
 }
 
 /// Lazily unmounts `target` (works on a mount whose server died).
@@ -333,6 +346,16 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// Kills `shoal mount` and leaves the mount as it is (for a mount whose
+    /// peer died: it stays behind, stale).
+    pub fn abandon(mut self) -> PathBuf {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::mem::take(&mut self.dir)
+    }
+
     /// Stops `shoal mount` with SIGTERM and checks it unmounted cleanly.
     pub fn unmount(mut self) -> anyhow::Result<()> {
         let mut child = self.child.take().expect("running");
@@ -371,7 +394,7 @@ impl Drop for Mount {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let _ = wait_child(&mut child, Duration::from_secs(30));
         }
-        if is_mounted(&self.dir) {
+        if !self.dir.as_os_str().is_empty() && is_mounted(&self.dir) {
             detach(&self.dir);
         }
     }
@@ -401,10 +424,17 @@ impl TestCluster {
 
     /// Mounts `volume` through peer `peer` at an existing directory.
     pub fn mount_at(&self, peer: usize, volume: &str, dir: &Path) -> anyhow::Result<Mount> {
-        let log = std::fs::File::create(self.root.path().join(format!(
+        let log_path = self.root.path().join(format!(
             "mount-{}.log",
             dir.file_name().and_then(|n| n.to_str()).unwrap_or("mnt")
-        )))?;
+        ));
+        let log = std::fs::File::create(&log_path)?;
+        let why = || {
+            let mount_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let peer_log = self.peers[peer].log();
+            let tail: Vec<&str> = peer_log.lines().rev().take(5).collect();
+            format!("shoal mount said: {mount_log}; peer log ends: {tail:?}")
+        };
         let child = Command::new(shoal_bin())
             .arg("mount")
             .arg(volume)
@@ -421,14 +451,21 @@ impl TestCluster {
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(dir) {
+        // `shoal mount` says when the volume is mounted (a stale mount at
+        // `dir` stays listed until then).
+        let said_mounted =
+            || std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains(" mounted at "));
+        while !(said_mounted() && is_mounted(dir)) {
             let child = mount.child.as_mut().expect("running");
             if let Some(status) = child.try_wait()? {
                 mount.child = None;
-                bail!("shoal mount exited with {status} before mounting");
+                bail!(
+                    "shoal mount exited with {status} before mounting; {}",
+                    why()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} not mounted within 30 s", dir.display());
+                bail!("{} not mounted within 30 s; {}", dir.display(), why());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -126,13 +126,17 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The absolute form of a mount point the user named.
+/// The absolute form of a mount point the user named (a stale mount left
+/// by a dead peer cannot be resolved, but the peer repairs it).
 fn absolute(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-    if !dir.exists() {
-        anyhow::bail!("mount point {} does not exist", dir.display());
+    match dir.canonicalize() {
+        Ok(p) => Ok(p),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(std::path::absolute(dir)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::bail!("mount point {} does not exist", dir.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot resolve {}", dir.display())),
     }
-    dir.canonicalize()
-        .with_context(|| format!("cannot resolve {}", dir.display()))
 }
 
 /// Asks the local peer to mount `volume` at `dir`, keeps it mounted until
@@ -167,11 +171,7 @@ pub async fn mount(
 }
 
 pub async fn umount(dir: PathBuf, peer: PeerArgs) -> anyhow::Result<()> {
-    let target = match dir.canonicalize() {
-        Ok(t) => t,
-        // A dead mount cannot be resolved; use the path as given.
-        Err(_) => std::path::absolute(&dir)?,
-    };
+    let target = absolute(&dir)?;
     admin::connect(&peer.dir)
         .await?
         .unmount(UnmountRequest {

@@ -547,8 +547,12 @@ impl VolumeFs {
         entry: DirEntry,
     ) -> impl Fn(&mut BTreeMap<Vec<u8>, DirEntry>) -> Result<(), Errno> {
         move |entries| {
-            if entries.contains_key(name) {
-                return Err(Errno::EEXIST);
+            if let Some(e) = entries.get(name) {
+                return if e.ino == entry.ino {
+                    Ok(())
+                } else {
+                    Err(Errno::EEXIST)
+                };
             }
             entries.insert(name.to_vec(), entry);
             Ok(())
@@ -560,6 +564,22 @@ impl VolumeFs {
         self.writable()?;
         check_name(name)?;
         self.check_space(inode.stored_bytes())?;
+        self.add_entry_and_inode(parent, name, &inode).await?;
+        self.add_usage(Usage {
+            bytes: inode.stored_bytes() as i64,
+            files: 1,
+        });
+        Ok(inode)
+    }
+
+    /// Writes a new inode and its entry in `parent`; returns the inode's
+    /// first version.
+    async fn add_entry_and_inode(
+        &self,
+        parent: u64,
+        name: &[u8],
+        inode: &Inode,
+    ) -> Result<MutableBlock, Errno> {
         let entry = DirEntry {
             ino: inode.ino,
             kind: inode.kind,
@@ -568,22 +588,16 @@ impl VolumeFs {
         // as absent, so the order in which they land does not matter.
         let inode_name = Self::inode_name(inode.ino);
         let (created, inserted) = futures::join!(
-            self.meta.create(&inode_name, &inode),
+            self.meta.create(&inode_name, inode),
             self.update_dir(parent, name, Self::insert_entry(name, entry))
         );
         inserted?;
-        if !created.map_err(meta_errno)? {
-            return Err(Errno::EIO);
-        }
-        self.add_usage(Usage {
-            bytes: inode.stored_bytes() as i64,
-            files: 1,
-        });
-        Ok(inode)
+        created.map_err(meta_errno)?.ok_or(Errno::EIO)
     }
 
     /// Creates and opens a regular file; its inode is written at the first
     /// commit.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
         parent: u64,
@@ -591,27 +605,43 @@ impl VolumeFs {
         mode: u32,
         uid: u32,
         gid: u32,
+        exclusive: bool,
+        truncate: bool,
     ) -> Result<(Inode, u64), Errno> {
         self.writable()?;
         check_name(name)?;
         let inode = Inode::new(super::new_ino(), Kind::File, mode, uid, gid, super::now());
-        let entry = DirEntry {
-            ino: inode.ino,
-            kind: Kind::File,
+        let block = match self.add_entry_and_inode(parent, name, &inode).await {
+            Ok(block) => block,
+            // Someone else made the file first: open theirs, as a local
+            // filesystem would without O_EXCL.
+            Err(Errno::EEXIST) if !exclusive => {
+                let existing = self.entry(parent, name, true).await?.ok_or(Errno::ENOENT)?;
+                if existing.kind != Kind::File {
+                    return Err(Errno::EISDIR);
+                }
+                let (fh, _) = self.open(existing.ino, true).await?;
+                let inode = if truncate {
+                    self.truncate(existing.ino, 0).await?
+                } else {
+                    self.inode(existing.ino).await?
+                };
+                return Ok((inode, fh));
+            }
+            Err(e) => return Err(e),
         };
-        self.update_dir(parent, name, Self::insert_entry(name, entry))
-            .await?;
         self.add_usage(Usage { bytes: 0, files: 1 });
         let file = OpenFile {
             inode: inode.clone(),
-            base: None,
+            base: Some(block.clone()),
             dirty: BTreeMap::new(),
             uploading: BTreeMap::new(),
-            changed: true,
+            changed: false,
             handles: 0,
             committed_bytes: 0,
             last_read_end: 0,
         };
+        self.cache_inode(&inode, &block);
         self.files
             .lock()
             .expect("files")

@@ -387,12 +387,17 @@ impl fuser::Filesystem for ShoalFuse {
         n: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let (n, uid, gid) = (name(n), req.uid(), req.gid());
         self.spawn(
-            move |fs| async move { fs.create(parent.0, &n, mode & !umask, uid, gid).await },
+            move |fs| async move {
+                let exclusive = flags & libc::O_EXCL != 0;
+                let truncate = flags & libc::O_TRUNC != 0;
+                fs.create(parent.0, &n, mode & !umask, uid, gid, exclusive, truncate)
+                    .await
+            },
             move |r| match r {
                 Ok((inode, fh)) => reply.created(
                     &ATTR_TTL,

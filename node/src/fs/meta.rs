@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use shoal_core::Address;
 use shoal_core::fs::crypt::NONCE_LEN;
-use shoal_core::fs::{Keyring, VolumeKey};
+use shoal_core::fs::{Envelope, Keyring, VolumeKey};
 use shoal_core::mutable::{MutableBlock, WriterKey, derive_address};
 
 use crate::consensus::{Consensus, ConsensusError, PutOutcome};
@@ -148,19 +148,20 @@ impl<K: Keys> Meta<K> {
         v
     }
 
-    fn open<T: Sealed>(&self, block: &MutableBlock) -> Result<T, MetaError> {
-        let plain = self
-            .keys
-            .open(&block.payload)
-            .map_err(|e| MetaError::Corrupt(format!("block {}: {e}", block.address)))?;
-        T::from_bytes(&plain)
-            .map_err(|e| MetaError::Corrupt(format!("block {}: {e}", block.address)))
+    fn open<T: Sealed>(&self, block: &MutableBlock) -> Result<(T, Envelope), MetaError> {
+        let corrupt = |e: shoal_core::fs::FsError| {
+            MetaError::Corrupt(format!("block {}: {e}", block.address))
+        };
+        let plain = self.keys.open(&block.payload).map_err(corrupt)?;
+        let envelope = Envelope::from_bytes(&plain).map_err(corrupt)?;
+        let value = T::from_bytes(&envelope.body).map_err(corrupt)?;
+        Ok((value, envelope))
     }
 
-    fn seal<T: Sealed>(&self, value: &T) -> Vec<u8> {
+    fn seal(&self, envelope: &Envelope) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce);
-        self.keys.seal(nonce, &value.to_bytes())
+        self.keys.seal(nonce, &envelope.to_bytes())
     }
 
     /// A linearizable read: the value and the version it came from.
@@ -170,22 +171,33 @@ impl<K: Keys> Meta<K> {
     ) -> Result<Option<(T, MutableBlock)>, MetaError> {
         let address = self.address(what);
         match self.consensus.get(address).await {
-            Ok(block) => Ok(Some((self.open(&block)?, block))),
+            Ok(block) => Ok(Some((self.open(&block)?.0, block))),
             Err(ConsensusError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Creates the block with `value`; `Ok(false)` if it already exists.
-    pub async fn create<T: Sealed>(&self, what: &[u8], value: &T) -> Result<bool, MetaError> {
+    /// Creates the block with `value`: its first version, or `None` if the
+    /// block already exists.
+    pub async fn create<T: Sealed>(
+        &self,
+        what: &[u8],
+        value: &T,
+    ) -> Result<Option<MutableBlock>, MetaError> {
+        let id = rand::random();
+        let envelope = Envelope::default().next(id, value.to_bytes());
         let block = self.writer.create(
             self.salt(what),
             vec![self.writer.public()],
-            self.seal(value),
+            self.seal(&envelope),
         );
         match self.put(block).await? {
-            PutOutcome::Written(_) => Ok(true),
-            PutOutcome::Conflict(_) => Ok(false),
+            PutOutcome::Written(b) => Ok(Some(b)),
+            // Ours, if the version that won carries our change.
+            PutOutcome::Conflict(current) => Ok(self
+                .open::<T>(&current)
+                .is_ok_and(|(_, e)| e.changes.contains(&id))
+                .then_some(current)),
         }
     }
 
@@ -229,13 +241,25 @@ impl<K: Keys> Meta<K> {
                 Err(e) => return Err(e.into()),
             },
         };
+        let id: u64 = rand::random();
+        let mut landed_output = None;
         for attempt in 0..MAX_ATTEMPTS {
-            let value: Option<T> = current.as_ref().map(|b| self.open(b)).transpose()?;
+            let opened = current.as_ref().map(|b| self.open::<T>(b)).transpose()?;
+            let (value, envelope) = match opened {
+                Some((v, e)) => (Some(v), e),
+                None => (None, Envelope::default()),
+            };
+            // Our write landed, and was reported lost: its output stands.
+            if envelope.changes.contains(&id)
+                && let Some(output) = landed_output.take()
+            {
+                return Ok((output, value.zip(current)));
+            }
             let (new, output) = change.apply(value.as_ref());
             let Some(new) = new else {
                 return Ok((output, value.zip(current)));
             };
-            let payload = self.seal(&new);
+            let payload = self.seal(&envelope.next(id, new.to_bytes()));
             let block = match &current {
                 Some(c) => self.writer.write_after(c, payload),
                 None => self
@@ -245,6 +269,7 @@ impl<K: Keys> Meta<K> {
             match self.put(block).await? {
                 PutOutcome::Written(b) => return Ok((output, Some((new, b)))),
                 PutOutcome::Conflict(now) => {
+                    landed_output = Some(output);
                     current = Some(now);
                     if attempt > 2 {
                         let ms = rand::random_range(1..(attempt as u64 * 2).min(50));

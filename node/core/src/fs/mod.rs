@@ -27,6 +27,38 @@ pub enum FsError {
     Malformed(&'static str),
 }
 
+/// Changes remembered per block by [`Envelope`].
+pub const RECENT_CHANGES: usize = 32;
+
+/// What a volume's mutable block holds: the structure, and the ids of the
+/// latest changes applied to it. A writer whose compare-and-set lost sight
+/// of its own write (a conflict reported after the write landed) finds its
+/// id here and does not apply the change twice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Envelope {
+    pub changes: Vec<u64>,
+    pub body: Vec<u8>,
+}
+
+impl Envelope {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FsError> {
+        decode(bytes, "block envelope")
+    }
+
+    /// The envelope of the next version: `body`, with change `id` recorded.
+    pub fn next(&self, id: u64, body: Vec<u8>) -> Self {
+        let mut changes = self.changes.clone();
+        changes.push(id);
+        let excess = changes.len().saturating_sub(RECENT_CHANGES);
+        changes.drain(..excess);
+        Self { changes, body }
+    }
+}
+
 /// The bytes of a structure stored in a block.
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("in-memory encoding cannot fail")
@@ -37,4 +69,20 @@ pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(
     what: &'static str,
 ) -> Result<T, FsError> {
     postcard::from_bytes(bytes).map_err(|_| FsError::Malformed(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_remember_the_latest_changes() {
+        let mut e = Envelope::default();
+        for id in 0..100 {
+            e = e.next(id, vec![id as u8]);
+        }
+        assert_eq!(e.changes.len(), RECENT_CHANGES);
+        assert!(e.changes.contains(&99) && !e.changes.contains(&0));
+        assert_eq!(Envelope::from_bytes(&e.to_bytes()).unwrap(), e);
+    }
 }

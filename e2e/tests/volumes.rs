@@ -1,0 +1,211 @@
+//! Volumes across mounts and failures: managing volumes, two mounts of one
+//! volume on two peers writing at once, and fsync'd data surviving SIGKILL
+//! of the mounting peer and of R−1 others.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use shoal_e2e::{TestCluster, shoal, spread};
+
+fn cli(cluster: &TestCluster, args: &[&str]) -> String {
+    let dir = cluster.peers[0].dir.to_str().unwrap();
+    let out = shoal(&[args, &["--dir", dir]].concat());
+    assert!(
+        out.status.success(),
+        "shoal {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_are_created_listed_resized_and_deleted() {
+    let cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
+    cli(&cluster, &["volume", "create", "alpha", "--size", "1GiB"]);
+    cli(&cluster, &["volume", "create", "beta", "--size", "2GiB"]);
+    let mount = cluster.mount(1, "alpha", "mnt").unwrap();
+    fs::write(mount.dir.join("one"), vec![1u8; 100_000]).unwrap();
+    fs::write(mount.dir.join("two"), b"2").unwrap();
+    // Usage reaches the volume's counter within a couple of seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = cli(&cluster, &["volume", "list"]);
+        let line = list
+            .lines()
+            .find(|l| l.contains("alpha"))
+            .unwrap()
+            .to_string();
+        if line.contains("97.7 KiB") && line.split_whitespace().any(|w| w == "2") {
+            assert!(line.contains("1.0 GiB"), "{line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage never showed: {list}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(cli(&cluster, &["volume", "list"]).contains("beta"));
+
+    // Growing is seen by statfs on the mount.
+    cli(&cluster, &["volume", "resize", "alpha", "3GiB"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nix::sys::statvfs::statvfs(&mount.dir).unwrap().blocks() * 4096 != 3 << 30 {
+        assert!(Instant::now() < deadline, "resize not seen by statfs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Shrinking below what is used is refused.
+    let dir = cluster.peers[0].dir.to_str().unwrap();
+    let out = shoal(&["volume", "resize", "alpha", "10KiB", "--dir", dir]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot shrink"));
+
+    // A volume its peer has mounted cannot be deleted; once unmounted it
+    // can, and the name then starts a new, empty volume.
+    let mounter = cluster.peers[1].dir.to_str().unwrap();
+    let out = shoal(&["volume", "delete", "alpha", "--dir", mounter]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is mounted"));
+    mount.unmount().unwrap();
+    cli(&cluster, &["volume", "delete", "alpha"]);
+    assert!(!cli(&cluster, &["volume", "list"]).contains("alpha"));
+    let out = shoal(&["volume", "delete", "alpha", "--dir", dir]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    cli(&cluster, &["volume", "create", "alpha", "--size", "1GiB"]);
+    let mount = cluster.mount(2, "alpha", "mnt-again").unwrap();
+    assert_eq!(fs::read_dir(&mount.dir).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_mounts_on_two_peers_write_one_directory() {
+    let cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
+    cluster.create_volume(0, "shared", "10GiB").unwrap();
+    let a = cluster.mount(0, "shared", "mnt-a").unwrap();
+    let b = cluster.mount(1, "shared", "mnt-b").unwrap();
+    fs::create_dir(a.dir.join("d")).unwrap();
+    // Close-to-open: what A made is there for B.
+    assert!(b.dir.join("d").is_dir());
+
+    const PER_MOUNT: usize = 1000;
+    const THREADS: usize = 4;
+    std::thread::scope(|s| {
+        for (tag, mount) in [("a", &a), ("b", &b)] {
+            for t in 0..THREADS {
+                let dir = mount.dir.join("d");
+                s.spawn(move || {
+                    for i in (t..PER_MOUNT).step_by(THREADS) {
+                        fs::write(dir.join(format!("{tag}-{i:04}")), format!("{tag}{i}")).unwrap();
+                    }
+                });
+            }
+        }
+    });
+    let mut want: Vec<String> = (0..PER_MOUNT)
+        .flat_map(|i| [format!("a-{i:04}"), format!("b-{i:04}")])
+        .collect();
+    want.sort();
+    for mount in [&a, &b] {
+        let mut names: Vec<String> = fs::read_dir(mount.dir.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 2 * PER_MOUNT, "on {}", mount.dir.display());
+        assert_eq!(names, want);
+    }
+    assert_eq!(fs::read_to_string(b.dir.join("d/a-0123")).unwrap(), "a123");
+    assert_eq!(fs::read_to_string(a.dir.join("d/b-0456")).unwrap(), "b456");
+
+    // Concurrent renames on A and unlinks on B in the same directory lose
+    // nothing else.
+    std::thread::scope(|s| {
+        let (da, db) = (a.dir.join("d"), b.dir.join("d"));
+        s.spawn(move || {
+            for i in 0..200 {
+                fs::rename(da.join(format!("a-{i:04}")), da.join(format!("r-{i:04}"))).unwrap();
+            }
+        });
+        s.spawn(move || {
+            for i in 0..200 {
+                fs::remove_file(db.join(format!("b-{i:04}"))).unwrap();
+            }
+        });
+    });
+    let names: Vec<String> = fs::read_dir(b.dir.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2 * PER_MOUNT - 200);
+    assert_eq!(names.iter().filter(|n| n.starts_with("r-")).count(), 200);
+    assert_eq!(names.iter().filter(|n| n.starts_with("a-")).count(), 800);
+
+    // Concurrent whole-file writes to one file end in one writer's data.
+    let size = 3 * 1024 * 1024 + 17;
+    for round in 0..3 {
+        std::thread::scope(|s| {
+            for (byte, mount) in [(b'A', &a), (b'B', &b)] {
+                let path = mount.dir.join("contended");
+                s.spawn(move || {
+                    let mut f = File::create(path).unwrap();
+                    for piece in vec![byte; size].chunks(200_000) {
+                        f.write_all(piece).unwrap();
+                    }
+                    f.sync_all().unwrap();
+                });
+            }
+        });
+        // Both mounts agree, after the kernel's attribute cache expires.
+        std::thread::sleep(Duration::from_millis(1100));
+        let seen_a = fs::read(a.dir.join("contended")).unwrap();
+        let seen_b = fs::read(b.dir.join("contended")).unwrap();
+        assert_eq!(seen_a.len(), size, "round {round}");
+        let first = seen_a[0];
+        assert!(
+            seen_a.iter().all(|&x| x == first),
+            "round {round}: a mix of writers"
+        );
+        assert_eq!(seen_a, seen_b, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fsynced_data_survives_sigkill_of_the_mount_and_two_more_peers() {
+    let mut cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
+    cluster.create_volume(0, "durable", "10GiB").unwrap();
+    let mount = cluster.mount(0, "durable", "mnt").unwrap();
+    let big: Vec<u8> = (0..6_500_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    {
+        let mut f = File::create(mount.dir.join("big")).unwrap();
+        f.write_all(&big).unwrap();
+        f.sync_all().unwrap();
+        fs::create_dir(mount.dir.join("sub")).unwrap();
+        let mut g = File::create(mount.dir.join("sub/small")).unwrap();
+        g.write_all(b"small and synced").unwrap();
+        g.sync_all().unwrap();
+        // Kill while these files are still open.
+        for i in 0..3 {
+            cluster.kill(i);
+        }
+        drop((f, g));
+    }
+    let dir = mount.abandon();
+    assert!(
+        shoal_e2e::is_mounted(&dir),
+        "the dead peer's mount stays behind"
+    );
+    for i in 0..3 {
+        cluster.restart(i).await.unwrap();
+    }
+    cluster
+        .wait_until_joined(Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The same directory, whose mount died with its peer, mounts again.
+    let mount = cluster.mount_at(0, "durable", &dir).unwrap();
+    assert_eq!(fs::read(mount.dir.join("big")).unwrap(), big);
+    assert_eq!(
+        fs::read(mount.dir.join("sub/small")).unwrap(),
+        b"small and synced"
+    );
+    let other = cluster.mount(2, "durable", "mnt-other").unwrap();
+    assert_eq!(fs::read(other.dir.join("big")).unwrap(), big);
+}
