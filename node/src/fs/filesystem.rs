@@ -44,8 +44,9 @@ pub const ATTR_TTL: Duration = Duration::from_secs(1);
 const READ_AHEAD: u64 = 8;
 /// Chunks of plaintext kept in memory.
 const CHUNK_CACHE: usize = 256;
-/// Dirty chunks an open file may buffer before it uploads the oldest.
-const MAX_DIRTY: usize = 32;
+/// Dirty chunks an open file may buffer before it uploads the oldest
+/// (256 MiB: random writes over a large region stay in memory until fsync).
+const MAX_DIRTY: usize = 256;
 /// Inode reads in flight when a directory listing prefetches attributes.
 const PREFETCH_PARALLEL: usize = 64;
 
@@ -1119,8 +1120,28 @@ impl VolumeFs {
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         self.writable()?;
         let (_, file) = self.handle(fh)?;
-        let mut f = file.lock().await;
         let end = offset + data.len() as u64;
+        // Committed chunks this write changes only in part are read first,
+        // without holding the file: other writes and reads go on meanwhile.
+        let partial = |index: u64| {
+            let start = index * CHUNK_SIZE;
+            offset > start || end < start + CHUNK_SIZE
+        };
+        let needed: Vec<ChunkRef> = {
+            let f = file.lock().await;
+            chunk_span(offset, data.len() as u64)
+                .filter(|&i| {
+                    partial(i) && !f.dirty.contains_key(&i) && !f.uploading.contains_key(&i)
+                })
+                .filter_map(|i| f.inode.chunks().find(|(j, _)| **j == i).map(|(_, c)| *c))
+                .collect()
+        };
+        for fetched in
+            futures::future::join_all(needed.into_iter().map(|c| self.chunk_data(c))).await
+        {
+            fetched?;
+        }
+        let mut f = file.lock().await;
         // Buffered data counts against the volume before it is committed.
         let buffered: u64 = f.dirty.values().map(|d| d.len() as u64).sum::<u64>()
             + f.uploading
@@ -1152,6 +1173,8 @@ impl VolumeFs {
             if !f.dirty.contains_key(&index) {
                 let existing = if let Some((d, _)) = f.uploading.remove(&index) {
                     d.to_vec()
+                } else if !partial(index) {
+                    Vec::new()
                 } else if let Some(chunk) = f
                     .inode
                     .chunks()
