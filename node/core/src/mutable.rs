@@ -168,6 +168,32 @@ impl MutableBlock {
     /// signed the access list, the signer is allowed by it, and the
     /// signature holds. What a reader checks of any block it is served.
     pub fn verify(&self) -> Result<(), MutableError> {
+        // A block is decoded many times on its way through a quorum (in a
+        // request, in each reply, as the base of the next version); the
+        // signature checks, by far the dearest part, are done once.
+        let key = self.verification_key();
+        if verified::contains(&key) {
+            return Ok(());
+        }
+        self.verify_uncached()?;
+        verified::insert(key);
+        Ok(())
+    }
+
+    /// A hash of everything [`Self::verify_uncached`] looks at.
+    fn verification_key(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.signed_bytes());
+        h.update(&self.salt);
+        h.update(&(self.payload.len() as u64).to_le_bytes());
+        h.update(&self.acl.owner.0);
+        h.update(&self.acl.owner_signature.0);
+        h.update(&self.signer.0);
+        h.update(&self.signature.0);
+        *h.finalize().as_bytes()
+    }
+
+    fn verify_uncached(&self) -> Result<(), MutableError> {
         if self.payload.len() > MAX_PAYLOAD {
             return Err(MutableError::TooLarge(self.payload.len()));
         }
@@ -223,6 +249,32 @@ impl MutableBlock {
             }
         }
         Ok(())
+    }
+}
+
+/// Memo of blocks whose signatures verified: verification is a pure
+/// function of the block, so remembering its result changes nothing but
+/// the cost. Two generations bound the memory.
+mod verified {
+    use std::collections::HashSet;
+    use std::sync::{LazyLock, Mutex};
+
+    const GENERATION: usize = 16 * 1024;
+
+    type Generations = (HashSet<[u8; 32]>, HashSet<[u8; 32]>);
+    static MEMO: LazyLock<Mutex<Generations>> = LazyLock::new(Mutex::default);
+
+    pub(super) fn contains(key: &[u8; 32]) -> bool {
+        let memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
+        memo.0.contains(key) || memo.1.contains(key)
+    }
+
+    pub(super) fn insert(key: [u8; 32]) {
+        let mut memo = MEMO.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.0.len() >= GENERATION {
+            memo.1 = std::mem::take(&mut memo.0);
+        }
+        memo.0.insert(key);
     }
 }
 
