@@ -3,7 +3,7 @@
 # profile, so RocksDB is compiled once.
 CARGO ?= cargo
 
-.PHONY: deps up test bench bench-mutable sim lint
+.PHONY: deps up test bench bench-mutable bench-fs sim lint
 
 deps:
 	@scripts/install-deps.sh
@@ -23,6 +23,12 @@ bench: deps
 ## Benchmark mutable blocks (per-block Multi-Paxos) on a 3-peer loopback cluster.
 bench-mutable: deps
 	$(CARGO) run -p shoal-e2e --bin bench-mutable
+
+## The filesystem benchmark: the shared peer workload on a Shoal volume,
+## native disk and GlusterFS, side by side (needs ../shared/bench/peers).
+bench-fs: deps
+	$(CARGO) build --bin shoal
+	e2e/bench-fs.sh
 
 ## Simulate placement and membership for 10,000 nodes.
 sim: deps

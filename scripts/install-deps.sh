@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what building and testing Shoal needs on a fresh Debian machine:
-# clang headers (bindgen for RocksDB), protoc, and FUSE 3. Does nothing when
+# clang headers (bindgen for RocksDB), protoc, FUSE 3, and git (the
+# filesystem tests run git inside a mount). Does nothing when
 # they are already there.
 set -euo pipefail
-packages=(libclang-dev protobuf-compiler fuse3 build-essential)
+packages=(libclang-dev protobuf-compiler fuse3 build-essential git)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::blocks::{BlockConfig, Blocks, error_response};
 use crate::consensus::{self, ClusterNetwork, Consensus, ConsensusConfig, QuorumMaintenance};
-use crate::fs::{Mounts, Volumes};
+use crate::fs::{ChunkCache, Mounts, Volumes};
 use crate::gossip::{Gossip, GossipConfig, Member};
 use crate::identity::NodeIdentity;
 use crate::store::BlockStore;
@@ -40,6 +40,9 @@ pub struct PeerConfig {
     pub eviction_delay: Duration,
     pub gossip: GossipConfig,
 }
+
+/// Bytes of file chunks a peer keeps on disk for the volumes it mounts.
+const CHUNK_CACHE: u64 = 1 << 30;
 
 /// A running peer.
 #[derive(Debug)]
@@ -170,7 +173,9 @@ impl Peer {
         }
         let keyring = crate::identity::load_keyring(&config.ca_dir)?;
         let volumes = Volumes::new(consensus.clone(), keyring, policy.replicas);
-        let mounts = Arc::new(Mounts::new(volumes, blocks.clone()));
+        let chunk_cache = ChunkCache::open(&config.dir.join("chunk-cache"), CHUNK_CACHE)
+            .context("cannot open the chunk cache")?;
+        let mounts = Arc::new(Mounts::new(volumes, blocks.clone(), Arc::new(chunk_cache)));
         let peer = Self {
             dir: config.dir.clone(),
             blocks,

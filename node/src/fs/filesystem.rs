@@ -33,6 +33,7 @@ use shoal_core::mutable::MutableBlock;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::chunk_cache::ChunkCache;
 use super::meta::{Meta, MetaError, VolumeKeys};
 use super::volumes::{USAGE, Volumes};
 use crate::blocks::{BlockError, Blocks};
@@ -47,6 +48,9 @@ const CHUNK_CACHE: usize = 256;
 /// Dirty chunks an open file may buffer before it uploads the oldest
 /// (256 MiB: random writes over a large region stay in memory until fsync).
 const MAX_DIRTY: usize = 256;
+/// Chunk uploads in flight per mount: enough to keep every replica busy,
+/// few enough that each finishes well within the request timeout.
+const UPLOADS_IN_FLIGHT: usize = 8;
 /// Inode reads in flight when a directory listing prefetches attributes.
 const PREFETCH_PARALLEL: usize = 64;
 
@@ -92,6 +96,7 @@ pub struct VolumeFs {
     volumes: Volumes,
     meta: Meta<VolumeKeys>,
     blocks: Arc<Blocks>,
+    disk_cache: Arc<ChunkCache>,
     read_only: bool,
     inodes: Mutex<HashMap<u64, (Inode, MutableBlock, Instant)>>,
     shards: Mutex<HashMap<ShardId, (Shard, MutableBlock, Instant)>>,
@@ -104,6 +109,7 @@ pub struct VolumeFs {
     page_cache: Mutex<HashMap<u64, u64>>,
     next_handle: AtomicU64,
     usage: Mutex<UsageState>,
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -148,6 +154,7 @@ impl VolumeFs {
         record: VolumeRecord,
         volumes: Volumes,
         blocks: Arc<Blocks>,
+        disk_cache: Arc<ChunkCache>,
         read_only: bool,
     ) -> Arc<Self> {
         let meta = volumes.meta(&record);
@@ -156,6 +163,7 @@ impl VolumeFs {
             volumes,
             meta,
             blocks,
+            disk_cache,
             read_only,
             inodes: Mutex::default(),
             shards: Mutex::default(),
@@ -169,6 +177,7 @@ impl VolumeFs {
             page_cache: Mutex::default(),
             next_handle: AtomicU64::new(1),
             usage: Mutex::default(),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
         })
     }
 
@@ -1000,11 +1009,14 @@ impl VolumeFs {
         Ok((ino, file))
     }
 
-    /// Encrypts and stores one chunk.
-    fn upload(&self, data: Arc<Vec<u8>>) -> JoinHandle<Result<ChunkRef, Errno>> {
+    /// Encrypts and stores one chunk in the background, once one of the
+    /// mount's upload slots is free (writers wait: backpressure).
+    async fn upload(&self, data: Arc<Vec<u8>>) -> JoinHandle<Result<ChunkRef, Errno>> {
         let blocks = self.blocks.clone();
         let key = self.meta.keys().key.clone();
+        let slot = self.upload_slots.clone().acquire_owned().await;
         tokio::spawn(async move {
+            let _slot = slot;
             let mut nonce = [0u8; NONCE_LEN];
             rand::fill(&mut nonce);
             let sealed = Bytes::from(key.seal_data(nonce, &data));
@@ -1029,8 +1041,25 @@ impl VolumeFs {
         }
         let blocks = self.blocks.clone();
         let key = self.meta.keys().key.clone();
+        let disk = self.disk_cache.clone();
         let fetch = async move {
-            let sealed = blocks.get(chunk.address).await.map_err(block_errno)?;
+            let address = chunk.address;
+            let cached = {
+                let disk = disk.clone();
+                tokio::task::spawn_blocking(move || disk.get(&address))
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let sealed = match cached {
+                Some(sealed) => Bytes::from(sealed),
+                None => {
+                    let sealed = blocks.get(address).await.map_err(block_errno)?;
+                    let copy = sealed.clone();
+                    tokio::task::spawn_blocking(move || disk.put(&address, &copy));
+                    sealed
+                }
+            };
             let plain = key.open_data(&sealed).map_err(|e| {
                 warn!("chunk {}: {e}", chunk.address);
                 Errno::EIO
@@ -1197,14 +1226,14 @@ impl VolumeFs {
             // A full chunk goes out now, in parallel with further writes.
             if buf.len() as u64 == CHUNK_SIZE && to == chunk_start + CHUNK_SIZE {
                 let data = Arc::new(f.dirty.remove(&index).expect("present"));
-                let task = self.upload(data.clone());
+                let task = self.upload(data.clone()).await;
                 f.uploading.insert(index, (data, task));
             }
         }
         while f.dirty.len() > MAX_DIRTY {
             let (index, data) = f.dirty.pop_first().expect("non-empty");
             let data = Arc::new(data);
-            let task = self.upload(data.clone());
+            let task = self.upload(data.clone()).await;
             f.uploading.insert(index, (data, task));
         }
         f.inode.size = f.inode.size.max(end);
@@ -1230,7 +1259,7 @@ impl VolumeFs {
             .map(|(i, d)| (i, Arc::new(d)))
             .collect();
         for (index, data) in dirty {
-            let task = self.upload(data.clone());
+            let task = self.upload(data.clone()).await;
             f.uploading.insert(index, (data, task));
         }
         let uploading = std::mem::take(&mut f.uploading);

@@ -2,12 +2,14 @@
 //! peer: the peer is long-lived and owns the block traffic, so a mount is
 //! served without any extra hop.
 
+pub mod chunk_cache;
 pub mod filesystem;
 pub mod fuse;
 pub mod meta;
 pub mod mounts;
 pub mod volumes;
 
+pub use chunk_cache::ChunkCache;
 pub use filesystem::VolumeFs;
 pub use mounts::{MountError, Mounts};
 pub use volumes::{VolumeError, VolumeInfo, Volumes};

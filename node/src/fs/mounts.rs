@@ -9,6 +9,7 @@ use fuser::{BackgroundSession, MountOption, SessionACL};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::chunk_cache::ChunkCache;
 use super::filesystem::VolumeFs;
 use super::fuse::ShoalFuse;
 use super::volumes::{VolumeError, Volumes};
@@ -54,6 +55,7 @@ impl std::fmt::Debug for Mounted {
 pub struct Mounts {
     volumes: Volumes,
     blocks: Arc<Blocks>,
+    chunk_cache: Arc<ChunkCache>,
     active: Mutex<HashMap<PathBuf, Mounted>>,
 }
 
@@ -76,10 +78,11 @@ fn clear_stale(target: &Path) -> Result<(), MountError> {
 }
 
 impl Mounts {
-    pub fn new(volumes: Volumes, blocks: Arc<Blocks>) -> Self {
+    pub fn new(volumes: Volumes, blocks: Arc<Blocks>, chunk_cache: Arc<ChunkCache>) -> Self {
         Self {
             volumes,
             blocks,
+            chunk_cache,
             active: Mutex::default(),
         }
     }
@@ -107,7 +110,13 @@ impl Mounts {
             };
         }
         let record = self.volumes.get(volume).await?;
-        let fs = VolumeFs::new(record, self.volumes.clone(), self.blocks.clone(), read_only);
+        let fs = VolumeFs::new(
+            record,
+            self.volumes.clone(),
+            self.blocks.clone(),
+            self.chunk_cache.clone(),
+            read_only,
+        );
         fs.start().await.map_err(|e| {
             MountError::Io(target.clone(), format!("volume root unreadable: {e:?}"))
         })?;
