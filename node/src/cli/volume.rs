@@ -159,7 +159,13 @@ pub async fn mount(
         .map_err(status_error)?;
     let target = reply.into_inner().target;
     eprintln!("volume {volume} mounted at {target}; Ctrl-C unmounts");
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = unmounted_elsewhere(&target) => {
+            eprintln!("{target} was unmounted");
+            return Ok(());
+        }
+    }
     client
         .unmount(UnmountRequest {
             target: target.clone(),
@@ -168,6 +174,27 @@ pub async fn mount(
         .map_err(status_error)?;
     eprintln!("unmounted {target}");
     Ok(())
+}
+
+/// Resolves once nothing is mounted at `target` any more (`shoal umount`,
+/// or the peer stopped).
+async fn unmounted_elsewhere(target: &str) {
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+            info.lines().any(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|p| p.replace("\\040", " ") == target)
+            })
+        })
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if !mounted() {
+            return;
+        }
+    }
 }
 
 pub async fn umount(dir: PathBuf, peer: PeerArgs) -> anyhow::Result<()> {
