@@ -63,8 +63,21 @@ async fn volumes_are_created_listed_resized_and_deleted() {
     let mounter = cluster.peers[1].dir.to_str().unwrap();
     let out = shoal(&["volume", "delete", "alpha", "--dir", mounter]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("is mounted"));
+    fs::write(mount.dir.join("three"), vec![3u8; 3 << 20]).unwrap();
     mount.unmount().unwrap();
-    cli(&cluster, &["volume", "delete", "alpha"]);
+    let mut before = 0;
+    for i in 0..3 {
+        before += cluster.local_blocks(i).await.unwrap().len();
+    }
+    // Deleting frees the volume's chunks on every peer: 4 chunks (one for
+    // "one", three for "three") on 3 replicas each.
+    let out = cli(&cluster, &["volume", "delete", "alpha"]);
+    assert!(out.contains("in 12 blocks"), "{out}");
+    let mut after = 0;
+    for i in 0..3 {
+        after += cluster.local_blocks(i).await.unwrap().len();
+    }
+    assert_eq!(before - after, 12);
     assert!(!cli(&cluster, &["volume", "list"]).contains("alpha"));
     let out = shoal(&["volume", "delete", "alpha", "--dir", dir]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));

@@ -305,12 +305,16 @@ impl Admin for AdminService {
                 target.display()
             )));
         }
-        self.mounts
+        let (freed_blocks, freed_bytes) = self
+            .mounts
             .volumes()
             .delete(&name)
             .await
             .map_err(volume_status)?;
-        Ok(Response::new(DeleteVolumeReply {}))
+        Ok(Response::new(DeleteVolumeReply {
+            freed_blocks,
+            freed_bytes,
+        }))
     }
 
     async fn resize_volume(

@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use shoal_core::mutable::{PublicKey, Signature, WriterKey, verify_delete_owned};
 use shoal_core::placement::{Placement, Policy};
 use shoal_core::{Address, NodeId, NodeInfo, NodeState, View, block};
 use shoal_proto::peer::{
-    BlockResult, ErrorCode, GetBlocks, GetBlocksReply, PeerRequest, PeerResponse, PutBlocks,
-    PutBlocksReply, block_result, peer_request, peer_response,
+    BlockResult, DeleteOwned, DeleteOwnedReply, ErrorCode, GetBlocks, GetBlocksReply, PeerRequest,
+    PeerResponse, PutBlocks, PutBlocksReply, block_result, peer_request, peer_response,
 };
 use tokio::sync::mpsc;
 
@@ -65,6 +66,16 @@ pub struct BlockConfig {
     /// How long one replica may take to answer a get before the next is
     /// asked.
     pub read_attempt_timeout: Duration,
+}
+
+/// How long a signed delete request is good for (it may travel, and
+/// clocks differ a little).
+const DELETE_VALIDITY: Duration = Duration::from_secs(300);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Reads spread beyond the R placed replicas by this many candidates, to find
@@ -210,7 +221,16 @@ impl Blocks {
     }
 
     pub async fn put(self: &Arc<Self>, data: Bytes) -> Result<Address, BlockError> {
-        self.put_many(vec![data])
+        self.put_owned(data, None).await
+    }
+
+    /// Stores a block on behalf of `owner` (see [`Blocks::delete_owned`]).
+    pub async fn put_owned(
+        self: &Arc<Self>,
+        data: Bytes,
+        owner: Option<PublicKey>,
+    ) -> Result<Address, BlockError> {
+        self.put_many(vec![data], owner)
             .await
             .pop()
             .expect("one result per block")
@@ -221,6 +241,7 @@ impl Blocks {
     pub async fn put_many(
         self: &Arc<Self>,
         blocks: Vec<Bytes>,
+        owner: Option<PublicKey>,
     ) -> Vec<Result<Address, BlockError>> {
         let needed = self.config.write_quorum;
         let mut results: Vec<Option<Result<Address, BlockError>>> = vec![None; blocks.len()];
@@ -269,7 +290,7 @@ impl Blocks {
             // Spawned, so replicas beyond the quorum complete in the
             // background after the caller has its answer.
             tokio::spawn(async move {
-                let outcome = this.put_on(&node, &blocks, &indices).await;
+                let outcome = this.put_on(&node, &blocks, &indices, owner).await;
                 for (i, result) in indices.into_iter().zip(outcome) {
                     let _ = tx.send((i, node.id, result));
                 }
@@ -316,14 +337,21 @@ impl Blocks {
         node: &NodeInfo,
         blocks: &[Bytes],
         indices: &[usize],
+        owner: Option<PublicKey>,
     ) -> Vec<Result<(), String>> {
         if node.id == self.me {
             let store = self.store.clone();
             let chosen: Vec<Bytes> = indices.iter().map(|&i| blocks[i].clone()).collect();
+            let now = now_ms();
             return tokio::task::spawn_blocking(move || {
                 chosen
                     .iter()
-                    .map(|b| store.put(b).map(|_| ()).map_err(|e| e.to_string()))
+                    .map(|b| {
+                        store
+                            .put_owned(b, owner.as_ref().map(|o| (&o.0, now)))
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
                     .collect()
             })
             .await
@@ -332,6 +360,7 @@ impl Blocks {
         let request = PeerRequest {
             kind: Some(peer_request::Kind::PutBlocks(PutBlocks {
                 blocks: indices.iter().map(|&i| blocks[i].to_vec()).collect(),
+                owner: owner.map(|o| o.0.to_vec()).unwrap_or_default(),
             })),
         };
         let reply = self.transport.request(node.addr, &request).await;
@@ -494,15 +523,94 @@ impl Blocks {
 
     /// Serves a put from another peer.
     pub(crate) fn serve_put(&self, request: PutBlocks) -> PutBlocksReply {
+        let owner: Option<[u8; 32]> = request.owner.as_slice().try_into().ok();
+        if owner.is_none() && !request.owner.is_empty() {
+            let e = error_result(ErrorCode::Unspecified, "owner must be 32 bytes".into());
+            return PutBlocksReply {
+                results: vec![e; request.blocks.len()],
+            };
+        }
+        let now = now_ms();
         let results = request
             .blocks
             .iter()
-            .map(|data| match self.store.put(data) {
-                Ok(_) => BlockResult { result: None },
-                Err(e) => error_result(store_error_code(&e), e.to_string()),
-            })
+            .map(
+                |data| match self.store.put_owned(data, owner.as_ref().map(|o| (o, now))) {
+                    Ok(_) => BlockResult { result: None },
+                    Err(e) => error_result(store_error_code(&e), e.to_string()),
+                },
+            )
             .collect();
         PutBlocksReply { results }
+    }
+
+    /// Asks every live peer to drop `owner`'s claims on its blocks (signed
+    /// by the owner; see [`shoal_core::mutable::verify_delete_owned`]);
+    /// returns the blocks and bytes freed by those that answered.
+    pub async fn delete_owned(&self, owner: &WriterKey) -> (u64, u64) {
+        let issued_ms = now_ms();
+        let request = PeerRequest {
+            kind: Some(peer_request::Kind::DeleteOwned(DeleteOwned {
+                owner: owner.public().0.to_vec(),
+                issued_ms,
+                signature: owner.sign_delete_owned(issued_ms).0.to_vec(),
+            })),
+        };
+        let view = self.view();
+        let asked = view.reachable().map(|node| {
+            let request = request.clone();
+            let owner = owner.public();
+            async move {
+                if node.id == self.me {
+                    let store = self.store.clone();
+                    return tokio::task::spawn_blocking(move || {
+                        store.delete_owned(&owner.0, issued_ms)
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                }
+                match self.transport.request(node.addr, &request).await {
+                    Ok(PeerResponse {
+                        kind: Some(peer_response::Kind::DeleteOwned(r)),
+                    }) => (r.blocks, r.bytes),
+                    _ => (0, 0),
+                }
+            }
+        });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .fold((0, 0), |(b, n), (b2, n2)| (b + b2, n + n2))
+    }
+
+    /// Serves a signed request to drop an owner's block claims.
+    pub(crate) fn serve_delete_owned(
+        &self,
+        request: DeleteOwned,
+    ) -> Result<DeleteOwnedReply, String> {
+        let owner: [u8; 32] = request
+            .owner
+            .as_slice()
+            .try_into()
+            .map_err(|_| "owner must be 32 bytes".to_string())?;
+        let signature: [u8; 64] = request
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| "signature must be 64 bytes".to_string())?;
+        verify_delete_owned(&PublicKey(owner), request.issued_ms, &Signature(signature))
+            .map_err(|e| format!("delete refused: {e}"))?;
+        let age = now_ms().abs_diff(request.issued_ms);
+        if age > DELETE_VALIDITY.as_millis() as u64 {
+            return Err(format!("delete refused: issued {age} ms away from now"));
+        }
+        let (blocks, bytes) = self
+            .store
+            .delete_owned(&owner, request.issued_ms)
+            .map_err(|e| e.to_string())?;
+        Ok(DeleteOwnedReply { blocks, bytes })
     }
 
     /// Serves a get from another peer.

@@ -172,7 +172,7 @@ impl Peer {
             tokio::spawn(async move { transport.serve(handler, datagram_tx).await });
         }
         let keyring = crate::identity::load_keyring(&config.ca_dir)?;
-        let volumes = Volumes::new(consensus.clone(), keyring, policy.replicas);
+        let volumes = Volumes::new(consensus.clone(), blocks.clone(), keyring, policy.replicas);
         let chunk_cache = ChunkCache::open(&config.dir.join("chunk-cache"), CHUNK_CACHE)
             .context("cannot open the chunk cache")?;
         let mounts = Arc::new(Mounts::new(volumes, blocks.clone(), Arc::new(chunk_cache)));
@@ -279,6 +279,9 @@ impl Handler for PeerService {
             Some(peer_request::Kind::Paxos(paxos)) => {
                 consensus::serve(&blocks, me, paxos).map(peer_response::Kind::Paxos)
             }
+            Some(peer_request::Kind::DeleteOwned(delete)) => blocks
+                .serve_delete_owned(delete)
+                .map(peer_response::Kind::DeleteOwned),
             None => Err("empty request".to_string()),
         })
         .await;

@@ -18,6 +18,18 @@ const CF_META: &str = "meta";
 /// Paxos acceptor state of mutable blocks, by address.
 const CF_PAXOS: &str = "paxos";
 const KEY_USED: &[u8] = b"used_bytes";
+/// `owned/OWNER/ADDRESS` → when the claim was made (ms): an owner's blocks.
+const OWNED: &[u8] = b"owned/";
+/// `claim/ADDRESS/OWNER`: a block's owners.
+const CLAIM: &[u8] = b"claim/";
+
+fn owned_key(owner: &[u8; 32], address: &Address) -> Vec<u8> {
+    [OWNED, owner.as_slice(), address.as_bytes().as_slice()].concat()
+}
+
+fn claim_key(address: &Address, owner: &[u8; 32]) -> Vec<u8> {
+    [CLAIM, address.as_bytes().as_slice(), owner.as_slice()].concat()
+}
 /// Writers of the same address are serialised (so a block is counted once);
 /// writers of different addresses proceed in parallel and share WAL syncs.
 const STRIPES: usize = 64;
@@ -134,12 +146,36 @@ impl BlockStore {
     /// Stores an immutable block durably; returns its address. Storing a
     /// block this peer already holds is a no-op that succeeds.
     pub fn put(&self, data: &[u8]) -> Result<Address, StoreError> {
+        self.put_owned(data, None)
+    }
+
+    /// [`Self::put`], recording `owner`'s claim on the block (at `now_ms`):
+    /// the block then goes only when every owner has dropped its claim.
+    pub fn put_owned(
+        &self,
+        data: &[u8],
+        owner: Option<(&[u8; 32], u64)>,
+    ) -> Result<Address, StoreError> {
         let address = block::check_new(data)?;
         let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let claim = |batch: &mut WriteBatch| {
+            if let Some((owner, at)) = owner {
+                batch.put_cf(meta, owned_key(owner, &address), at.to_le_bytes());
+                batch.put_cf(meta, claim_key(&address, owner), []);
+            }
+        };
         if self.db.get_pinned_cf(blocks, address.as_bytes())?.is_some() {
+            if owner.is_some() {
+                let mut batch = WriteBatch::default();
+                claim(&mut batch);
+                self.db.write_opt(batch, &sync)?;
+            }
             return Ok(address);
         }
         let needed = data.len() as u64;
@@ -154,18 +190,67 @@ impl BlockStore {
             })?;
         let mut batch = WriteBatch::default();
         batch.put_cf(blocks, address.as_bytes(), data);
-        batch.merge_cf(
-            self.db.cf_handle(CF_META).expect("meta column family"),
-            KEY_USED,
-            (needed as i64).to_le_bytes(),
-        );
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
+        batch.merge_cf(meta, KEY_USED, (needed as i64).to_le_bytes());
+        claim(&mut batch);
         if let Err(e) = self.db.write_opt(batch, &sync) {
             self.used.fetch_sub(needed, Ordering::AcqRel);
             return Err(e.into());
         }
         Ok(address)
+    }
+
+    /// Drops `owner`'s claims made at or before `issued_ms`, and deletes
+    /// every block left without a claim. Returns blocks and bytes freed.
+    pub fn delete_owned(&self, owner: &[u8; 32], issued_ms: u64) -> Result<(u64, u64), StoreError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
+        let prefix = owned_key(owner, &Address([0; 32]));
+        let prefix = &prefix[..OWNED.len() + 32];
+        let mut claimed = Vec::new();
+        for item in self.db.prefix_iterator_cf(meta, prefix) {
+            let (key, at) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let at = u64::from_le_bytes(at.as_ref().try_into().unwrap_or([0; 8]));
+            if at <= issued_ms
+                && let Ok(address) = Address::from_slice(&key[prefix.len()..])
+            {
+                claimed.push(address);
+            }
+        }
+        let (mut freed_blocks, mut freed_bytes) = (0, 0);
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        for address in claimed {
+            let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(meta, owned_key(owner, &address));
+            batch.delete_cf(meta, claim_key(&address, owner));
+            let claims = claim_key(&address, &[0; 32]);
+            let claims = &claims[..CLAIM.len() + 32];
+            let others = self
+                .db
+                .prefix_iterator_cf(meta, claims)
+                .filter_map(Result::ok)
+                .take_while(|(k, _)| k.starts_with(claims))
+                .any(|(k, _)| &k[claims.len()..] != owner.as_slice());
+            let mut freed = 0;
+            if !others && let Some(data) = self.db.get_pinned_cf(blocks, address.as_bytes())? {
+                freed = data.len() as u64;
+                batch.delete_cf(blocks, address.as_bytes());
+                batch.merge_cf(meta, KEY_USED, (-(freed as i64)).to_le_bytes());
+            }
+            self.db.write_opt(batch, &sync)?;
+            if freed > 0 {
+                self.used.fetch_sub(freed, Ordering::AcqRel);
+                freed_blocks += 1;
+                freed_bytes += freed;
+            }
+        }
+        Ok((freed_blocks, freed_bytes))
     }
 
     /// Reads a block, verified against its address.
@@ -288,6 +373,33 @@ mod tests {
         assert_eq!(store.list(None, 10).unwrap(), all);
         assert_eq!(store.list(Some(&all[0]), 10).unwrap(), vec![all[1]]);
         assert_eq!(store.list(None, 1).unwrap(), vec![all[0]]);
+    }
+
+    #[test]
+    fn blocks_go_when_their_last_owner_drops_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
+        let (x, y) = ([1u8; 32], [2u8; 32]);
+        let mine = store.put_owned(b"only x", Some((&x, 10))).unwrap();
+        let shared = store.put_owned(b"x and y", Some((&x, 10))).unwrap();
+        store.put_owned(b"x and y", Some((&y, 10))).unwrap();
+        let late = store.put_owned(b"x, later", Some((&x, 50))).unwrap();
+        let nobody = store.put(b"unowned").unwrap();
+        let used = store.used();
+        // A request issued before a claim does not touch it.
+        assert_eq!(store.delete_owned(&x, 20).unwrap(), (1, 6));
+        assert!(!store.contains(&mine).unwrap());
+        assert!(store.contains(&shared).unwrap() && store.contains(&late).unwrap());
+        assert!(store.contains(&nobody).unwrap());
+        assert_eq!(store.used(), used - 6);
+        assert_eq!(store.delete_owned(&y, 20).unwrap(), (1, 7));
+        assert!(!store.contains(&shared).unwrap());
+        assert_eq!(store.delete_owned(&x, 60).unwrap(), (1, 8));
+        assert_eq!(store.delete_owned(&x, 60).unwrap(), (0, 0));
+        assert!(store.contains(&nobody).unwrap());
+        drop(store);
+        let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.used(), 7);
     }
 
     #[test]

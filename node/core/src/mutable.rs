@@ -278,6 +278,22 @@ mod verified {
     }
 }
 
+fn delete_owned_message(owner: &PublicKey, issued_ms: u64) -> Vec<u8> {
+    let mut m = b"shoal/delete-owned/v1".to_vec();
+    m.extend_from_slice(&owner.0);
+    m.extend_from_slice(&issued_ms.to_le_bytes());
+    m
+}
+
+/// Whether `owner` signed a request to drop its block claims at `issued_ms`.
+pub fn verify_delete_owned(
+    owner: &PublicKey,
+    issued_ms: u64,
+    signature: &Signature,
+) -> Result<(), MutableError> {
+    verify_signature(owner, &delete_owned_message(owner, issued_ms), signature)
+}
+
 /// A key that signs mutable blocks.
 #[derive(Clone)]
 pub struct WriterKey(SigningKey);
@@ -303,6 +319,12 @@ impl WriterKey {
 
     fn sign(&self, message: &[u8]) -> Signature {
         Signature(self.0.sign(message).to_bytes())
+    }
+
+    /// A request that peers drop this key's claim on its blocks, issued at
+    /// `issued_ms` (see [`verify_delete_owned`]).
+    pub fn sign_delete_owned(&self, issued_ms: u64) -> Signature {
+        self.sign(&delete_owned_message(&self.public(), issued_ms))
     }
 
     /// An access list for `address` owned by this key.
@@ -367,6 +389,17 @@ impl WriterKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delete_requests_verify_only_for_their_owner_and_time() {
+        let (owner, other) = (key(1), key(2));
+        let sig = owner.sign_delete_owned(1000);
+        assert!(verify_delete_owned(&owner.public(), 1000, &sig).is_ok());
+        assert!(verify_delete_owned(&owner.public(), 1001, &sig).is_err());
+        assert!(verify_delete_owned(&other.public(), 1000, &sig).is_err());
+        let forged = other.sign_delete_owned(1000);
+        assert!(verify_delete_owned(&owner.public(), 1000, &forged).is_err());
+    }
 
     fn key(n: u8) -> WriterKey {
         WriterKey::from_secret([n; 32])

@@ -105,12 +105,17 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
             println!("{table}");
         }
         VolumeCommand::Delete { name, peer } => {
-            admin::connect(&peer.dir)
+            let reply = admin::connect(&peer.dir)
                 .await?
                 .delete_volume(DeleteVolumeRequest { name: name.clone() })
                 .await
-                .map_err(status_error)?;
-            println!("deleted volume {name}");
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "deleted volume {name}; peers freed {} in {} blocks",
+                size(reply.freed_bytes),
+                reply.freed_blocks
+            );
         }
         VolumeCommand::Resize { name, size, peer } => {
             let reply = admin::connect(&peer.dir)

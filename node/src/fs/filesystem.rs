@@ -29,7 +29,7 @@ use shoal_core::fs::inode::{
     CHUNK_SIZE, INLINE_MAX, NAME_MAX, ROOT_INO, chunk_span, copy_from_chunk,
 };
 use shoal_core::fs::{ChunkRef, Content, Inode, Kind, Shard, ShardId, Usage, VolumeRecord};
-use shoal_core::mutable::MutableBlock;
+use shoal_core::mutable::{MutableBlock, PublicKey};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -110,6 +110,9 @@ pub struct VolumeFs {
     next_handle: AtomicU64,
     usage: Mutex<UsageState>,
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Who owns the chunks this volume writes: its writer key (deleting the
+    /// volume drops every chunk it owns).
+    owner: PublicKey,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -158,6 +161,7 @@ impl VolumeFs {
         read_only: bool,
     ) -> Arc<Self> {
         let meta = volumes.meta(&record);
+        let owner = meta.keys().key.writer().public();
         Arc::new(Self {
             record: Mutex::new(record),
             volumes,
@@ -178,6 +182,7 @@ impl VolumeFs {
             next_handle: AtomicU64::new(1),
             usage: Mutex::default(),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
+            owner,
         })
     }
 
@@ -1014,13 +1019,17 @@ impl VolumeFs {
     async fn upload(&self, data: Arc<Vec<u8>>) -> JoinHandle<Result<ChunkRef, Errno>> {
         let blocks = self.blocks.clone();
         let key = self.meta.keys().key.clone();
+        let owner = self.owner;
         let slot = self.upload_slots.clone().acquire_owned().await;
         tokio::spawn(async move {
             let _slot = slot;
             let mut nonce = [0u8; NONCE_LEN];
             rand::fill(&mut nonce);
             let sealed = Bytes::from(key.seal_data(nonce, &data));
-            let address = blocks.put(sealed).await.map_err(block_errno)?;
+            let address = blocks
+                .put_owned(sealed, Some(owner))
+                .await
+                .map_err(block_errno)?;
             Ok(ChunkRef {
                 address,
                 len: data.len() as u32,

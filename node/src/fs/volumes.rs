@@ -9,6 +9,7 @@ use shoal_core::fs::volume::check_name;
 use shoal_core::fs::{Catalogue, Inode, Keyring, Kind, Usage, VolumeKey, VolumeRecord};
 
 use super::meta::{Meta, MetaError, VolumeKeys};
+use crate::blocks::Blocks;
 use crate::consensus::Consensus;
 
 const CATALOGUE: &[u8] = b"catalogue";
@@ -41,6 +42,7 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone)]
 pub struct Volumes {
     consensus: Arc<Consensus>,
+    blocks: Arc<Blocks>,
     registry: Option<Meta<Keyring>>,
     replicas: usize,
 }
@@ -56,10 +58,16 @@ fn now_secs() -> i64 {
 }
 
 impl Volumes {
-    pub fn new(consensus: Arc<Consensus>, keyring: Option<Keyring>, replicas: usize) -> Self {
+    pub fn new(
+        consensus: Arc<Consensus>,
+        blocks: Arc<Blocks>,
+        keyring: Option<Keyring>,
+        replicas: usize,
+    ) -> Self {
         Self {
             registry: keyring.map(|k| Meta::new(consensus.clone(), k)),
             consensus,
+            blocks,
             replicas,
         }
     }
@@ -178,9 +186,10 @@ impl Volumes {
         found.into_iter().filter_map(Result::transpose).collect()
     }
 
-    /// Deletes a volume: its name is free again, and its blocks are no
-    /// longer reachable.
-    pub async fn delete(&self, name: &str) -> Result<(), VolumeError> {
+    /// Deletes a volume: its name is free again, and every peer that
+    /// answers drops the volume's chunks. Returns the blocks and bytes
+    /// freed.
+    pub async fn delete(&self, name: &str) -> Result<(u64, u64), VolumeError> {
         check_name(name).map_err(VolumeError::Invalid)?;
         let registry = self.registry()?;
         let (found, _) = registry
@@ -189,22 +198,23 @@ impl Volumes {
                     Some(r) if !r.deleted => {
                         let mut r = r.clone();
                         r.deleted = true;
-                        (Some(r), true)
+                        (Some(r.clone()), Some(r))
                     }
-                    _ => (None, false),
+                    _ => (None, None),
                 }
             })
             .await?;
-        if !found {
+        let Some(record) = found else {
             return Err(VolumeError::NotFound(name.into()));
-        }
+        };
         registry
             .update::<Catalogue, _>(CATALOGUE, None, |cur: Option<&Catalogue>| {
                 let mut c = cur.cloned().unwrap_or_default();
                 (c.names.remove(name).then_some(c), ())
             })
             .await?;
-        Ok(())
+        let writer = VolumeKey::from_bytes(record.key).writer();
+        Ok(self.blocks.delete_owned(&writer).await)
     }
 
     /// Changes a volume's size; it may not shrink below what is used.
