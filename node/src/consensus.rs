@@ -212,7 +212,7 @@ impl<N: Network> Consensus<N> {
         }
     }
 
-    fn proposer(&self, address: Address) -> SharedProposer {
+    fn proposer(&self, address: Address, creator: bool) -> SharedProposer {
         let mut proposers = self.proposers.lock().expect("proposer cache");
         if proposers.len() >= MAX_PROPOSERS {
             proposers.retain(|_, p| p.try_lock().map(|p| !p.is_idle()).unwrap_or(true));
@@ -220,10 +220,12 @@ impl<N: Network> Consensus<N> {
         proposers
             .entry(address)
             .or_insert_with(|| {
-                Arc::new(tokio::sync::Mutex::new(Proposer::new(
-                    self.me,
-                    Chosen::empty(self.initial_config(&address)),
-                )))
+                let known = Chosen::empty(self.initial_config(&address));
+                Arc::new(tokio::sync::Mutex::new(if creator {
+                    Proposer::creator(self.me, known)
+                } else {
+                    Proposer::new(self.me, known)
+                }))
             })
             .clone()
     }
@@ -231,6 +233,26 @@ impl<N: Network> Consensus<N> {
     /// Proposes a signed version: version 1 creates the block, version N+1
     /// replaces version N if N is current.
     pub async fn put(&self, block: MutableBlock) -> Result<PutOutcome, ConsensusError> {
+        self.put_as(block, false).await
+    }
+
+    /// Creates a block whose address this node has just drawn at random
+    /// (no one else can know it): one round trip instead of two (see
+    /// [`Proposer::creator`]).
+    pub async fn create_unique(&self, block: MutableBlock) -> Result<PutOutcome, ConsensusError> {
+        if block.version != 1 {
+            return Err(ConsensusError::Invalid(
+                "a new block starts at version 1".into(),
+            ));
+        }
+        self.put_as(block, true).await
+    }
+
+    async fn put_as(
+        &self,
+        block: MutableBlock,
+        creator: bool,
+    ) -> Result<PutOutcome, ConsensusError> {
         block
             .verify()
             .map_err(|e| ConsensusError::Invalid(e.to_string()))?;
@@ -243,7 +265,7 @@ impl<N: Network> Consensus<N> {
         // whether this write landed, should the outcome alone not tell.
         let mut witness = None;
         let outcome = self
-            .run(address, Op::Write(update.clone()), |reply| {
+            .run(address, creator, Op::Write(update.clone()), |reply| {
                 for chosen in reported_states(reply) {
                     // Only versions at or past ours say anything about it.
                     if let Some(v) = chosen
@@ -291,7 +313,7 @@ impl<N: Network> Consensus<N> {
         &self,
         address: Address,
     ) -> Result<(MutableBlock, Config), ConsensusError> {
-        match self.run(address, Op::Read, |_| {}).await? {
+        match self.run(address, false, Op::Read, |_| {}).await? {
             Outcome::Done(chosen)
             | Outcome::Refused {
                 current: chosen, ..
@@ -307,10 +329,11 @@ impl<N: Network> Consensus<N> {
     async fn run(
         &self,
         address: Address,
+        creator: bool,
         op: Op<PreSigned>,
         mut observe: impl FnMut(&Reply<MutableBlock>),
     ) -> Result<Outcome<MutableBlock>, ConsensusError> {
-        let shared = self.proposer(address);
+        let shared = self.proposer(address, creator);
         let mut proposer = shared.lock().await;
         if !proposer.is_idle() {
             // The caller of an earlier operation went away mid-way (its
@@ -433,7 +456,7 @@ impl Consensus<ClusterNetwork> {
                     continue;
                 };
                 match self
-                    .run(*address, Op::Reconfigure(members.clone()), |_| {})
+                    .run(*address, false, Op::Reconfigure(members.clone()), |_| {})
                     .await
                 {
                     Ok(Outcome::Done(chosen)) => {

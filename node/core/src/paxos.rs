@@ -412,6 +412,19 @@ impl<V: Clone + Eq + Debug, U: Update<V> + Clone> Proposer<V, U> {
         }
     }
 
+    /// A proposer for a block whose address this node has just drawn at
+    /// random, so that no other node can know of it yet. It may skip phase
+    /// 1: round 0 is reserved for such creators (every other ballot has
+    /// round 1 or more), and a block has at most one creator. If any
+    /// acceptor has promised a higher ballot (someone read the block
+    /// meanwhile), the Accept is refused and it falls back to phase 1.
+    pub fn creator(me: NodeId, known: Chosen<V>) -> Self {
+        let mut proposer = Self::new(me, known);
+        proposer.ballot = Ballot { round: 0, node: me };
+        proposer.leading = true;
+        proposer
+    }
+
     pub fn known(&self) -> &Chosen<V> {
         &self.known
     }

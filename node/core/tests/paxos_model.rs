@@ -47,7 +47,13 @@ enum State {
 #[derive(Clone, Debug)]
 enum Node {
     Acceptor,
-    Proposer { ops: Vec<Op<Cas>>, max_retries: u8 },
+    /// `creator`: the block's creator, which skips phase 1 with the
+    /// reserved round 0 ([`Proposer::creator`]).
+    Proposer {
+        ops: Vec<Op<Cas>>,
+        max_retries: u8,
+        creator: bool,
+    },
 }
 
 fn node_id(id: Id) -> NodeId {
@@ -111,9 +117,14 @@ impl Actor for Node {
                 acceptor: Acceptor::default(),
                 ever_accepted: BTreeSet::new(),
             },
-            Node::Proposer { ops, .. } => {
+            Node::Proposer { ops, creator, .. } => {
                 let mut script = ops.clone();
-                let mut proposer = Proposer::new(node_id(id), Chosen::empty(first_quorum()));
+                let known = Chosen::empty(first_quorum());
+                let mut proposer = if *creator {
+                    Proposer::creator(node_id(id), known)
+                } else {
+                    Proposer::new(node_id(id), known)
+                };
                 let first = proposer.start(script.remove(0));
                 let mut state = State::Proposer {
                     proposer,
@@ -221,7 +232,8 @@ fn chosen_states(state: &ActorModelState<Node>) -> Vec<Chosen<u8>> {
     all
 }
 
-/// The scope: three acceptors (0, 1, 2) and two proposers. `deep` adds a
+/// The scope: three acceptors (0, 1, 2) and two proposers, the first of
+/// which creates the block without phase 1 (round 0). `deep` adds a
 /// second operation to each proposer, message loss, and proposers that
 /// restart a phase at any moment (up to twice).
 fn model(deep: bool) -> ActorModel<Node, bool> {
@@ -248,10 +260,12 @@ fn model(deep: bool) -> ActorModel<Node, bool> {
         .actor(Node::Proposer {
             ops: first,
             max_retries: if deep { 2 } else { 0 },
+            creator: true,
         })
         .actor(Node::Proposer {
             ops: second,
             max_retries: if deep { 2 } else { 0 },
+            creator: false,
         })
         .init_network(Network::new_unordered_duplicating([]))
         .lossy_network(if deep {

@@ -603,7 +603,7 @@ impl VolumeFs {
         // as absent, so the order in which they land does not matter.
         let inode_name = Self::inode_name(inode.ino);
         let (created, inserted) = futures::join!(
-            self.meta.create(&inode_name, inode),
+            self.meta.create_unique(&inode_name, inode),
             self.update_dir(parent, name, Self::insert_entry(name, entry))
         );
         inserted?;

@@ -184,6 +184,26 @@ impl<K: Keys> Meta<K> {
         what: &[u8],
         value: &T,
     ) -> Result<Option<MutableBlock>, MetaError> {
+        self.create_as(what, value, false).await
+    }
+
+    /// [`Self::create`] for a block whose name holds a number this node
+    /// just drew at random (a new inode): no one else can be creating it,
+    /// so the write skips a round trip.
+    pub async fn create_unique<T: Sealed>(
+        &self,
+        what: &[u8],
+        value: &T,
+    ) -> Result<Option<MutableBlock>, MetaError> {
+        self.create_as(what, value, true).await
+    }
+
+    async fn create_as<T: Sealed>(
+        &self,
+        what: &[u8],
+        value: &T,
+        unique: bool,
+    ) -> Result<Option<MutableBlock>, MetaError> {
         let id = rand::random();
         let envelope = Envelope::default().next(id, value.to_bytes());
         let block = self.writer.create(
@@ -191,7 +211,17 @@ impl<K: Keys> Meta<K> {
             vec![self.writer.public()],
             self.seal(&envelope),
         );
-        match self.put(block).await? {
+        let outcome = if unique {
+            match self.consensus.create_unique(block.clone()).await {
+                Ok(outcome) => outcome,
+                // Fall back to the general path, which sorts out
+                // unclear outcomes.
+                Err(_) => self.put(block).await?,
+            }
+        } else {
+            self.put(block).await?
+        };
+        match outcome {
             PutOutcome::Written(b) => Ok(Some(b)),
             // Ours, if the version that won carries our change.
             PutOutcome::Conflict(current) => Ok(self
