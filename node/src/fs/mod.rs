@@ -29,7 +29,7 @@ pub fn now() -> Timestamp {
 }
 
 /// A fresh inode number: random, so mounts never need to agree on one.
-fn new_ino() -> u64 {
+pub(crate) fn new_ino() -> u64 {
     loop {
         let ino: u64 = rand::random();
         if ino > ROOT_INO {

@@ -1,0 +1,480 @@
+//! Open files: buffered writes, chunk uploads and fetches, read-ahead and
+//! the commit that makes a file's new content current.
+
+use super::*;
+
+impl VolumeFs {
+    // ---- files ---------------------------------------------------------------
+
+    /// The open state of `ino`, loaded fresh from its quorum if no handle
+    /// has it open (close-to-open: an open sees every close before it).
+    pub(super) async fn open_file(
+        &self,
+        ino: u64,
+    ) -> Result<Arc<tokio::sync::Mutex<OpenFile>>, Errno> {
+        let open = self.files.lock().expect("files").get(&ino).cloned();
+        if let Some(f) = open {
+            f.lock().await.handles += 1;
+            return Ok(f);
+        }
+        let (inode, block) = self.read_inode(ino).await?;
+        let file = Arc::new(tokio::sync::Mutex::new(OpenFile {
+            committed_bytes: inode.stored_bytes(),
+            inode,
+            base: Some(block),
+            dirty: BTreeMap::new(),
+            uploading: BTreeMap::new(),
+            changed: false,
+            handles: 1,
+            last_read_end: 0,
+        }));
+        let existing = self
+            .files
+            .lock()
+            .expect("files")
+            .entry(ino)
+            .or_insert(file.clone())
+            .clone();
+        if !Arc::ptr_eq(&existing, &file) {
+            // Another open won the race: share its state.
+            existing.lock().await.handles += 1;
+        }
+        Ok(existing)
+    }
+
+    /// Drops one use of an open file; the last one forgets it.
+    pub(super) async fn release_file(&self, ino: u64, file: &Arc<tokio::sync::Mutex<OpenFile>>) {
+        let mut f = file.lock().await;
+        f.handles = f.handles.saturating_sub(1);
+        if f.handles == 0 && !f.changed {
+            self.files.lock().expect("files").remove(&ino);
+            if let Some(base) = &f.base {
+                self.cache_inode(&f.inode, base);
+            }
+        }
+    }
+
+    pub(super) async fn open_handle(&self, ino: u64) -> Result<u64, Errno> {
+        let file = self.files.lock().expect("files").get(&ino).cloned();
+        if let Some(file) = file {
+            file.lock().await.handles += 1;
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handles").insert(fh, ino);
+        Ok(fh)
+    }
+
+    /// Opens a file; returns the handle and whether the kernel may keep
+    /// the pages it cached (the file has not changed since).
+    pub async fn open(&self, ino: u64, write: bool) -> Result<(u64, bool), Errno> {
+        if write {
+            self.writable()?;
+        }
+        let file = self.open_file(ino).await?;
+        let (kind, version) = {
+            let f = file.lock().await;
+            (f.inode.kind, f.base.as_ref().map_or(0, |b| b.version))
+        };
+        if kind == Kind::Dir {
+            self.release_file(ino, &file).await;
+            return Err(Errno::EISDIR);
+        }
+        let keep = self
+            .page_cache
+            .lock()
+            .expect("page cache")
+            .insert(ino, version)
+            == Some(version);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handles").insert(fh, ino);
+        Ok((fh, keep))
+    }
+
+    pub(super) fn handle(
+        &self,
+        fh: u64,
+    ) -> Result<(u64, Arc<tokio::sync::Mutex<OpenFile>>), Errno> {
+        let ino = *self
+            .handles
+            .lock()
+            .expect("handles")
+            .get(&fh)
+            .ok_or(Errno::EBADF)?;
+        let file = self
+            .files
+            .lock()
+            .expect("files")
+            .get(&ino)
+            .cloned()
+            .ok_or(Errno::EBADF)?;
+        Ok((ino, file))
+    }
+
+    /// Encrypts and stores one chunk in the background, once one of the
+    /// mount's upload slots is free (writers wait: backpressure).
+    pub(super) async fn upload(&self, data: Arc<Vec<u8>>) -> JoinHandle<Result<ChunkRef, Errno>> {
+        let blocks = self.blocks.clone();
+        let key = self.meta.keys().key.clone();
+        let owner = self.owner;
+        let slot = self.upload_slots.clone().acquire_owned().await;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut nonce = [0u8; NONCE_LEN];
+            rand::fill(&mut nonce);
+            let sealed = Bytes::from(key.seal_data(nonce, &data));
+            let address = blocks
+                .put_owned(sealed, Some(owner))
+                .await
+                .map_err(block_errno)?;
+            Ok(ChunkRef {
+                address,
+                len: data.len() as u32,
+            })
+        })
+    }
+
+    /// The plaintext of a chunk, from cache or its replicas; concurrent
+    /// requests for one chunk share a fetch.
+    pub(super) fn chunk(&self, chunk: ChunkRef) -> ChunkFuture {
+        if let Some(data) = self.chunks.lock().expect("chunks").get(&chunk.address) {
+            let data = data.clone();
+            return async move { Ok(data) }.boxed().shared();
+        }
+        let mut fetching = self.fetching.lock().expect("fetching");
+        if let Some(f) = fetching.get(&chunk.address) {
+            return f.clone();
+        }
+        let blocks = self.blocks.clone();
+        let key = self.meta.keys().key.clone();
+        let disk = self.disk_cache.clone();
+        let fetch = async move {
+            let address = chunk.address;
+            let cached = {
+                let disk = disk.clone();
+                tokio::task::spawn_blocking(move || disk.get(&address))
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let sealed = match cached {
+                Some(sealed) => Bytes::from(sealed),
+                None => {
+                    let sealed = blocks.get(address).await.map_err(block_errno)?;
+                    let copy = sealed.clone();
+                    tokio::task::spawn_blocking(move || disk.put(&address, &copy));
+                    sealed
+                }
+            };
+            let plain = key.open_data(&sealed).map_err(|e| {
+                warn!("chunk {}: {e}", chunk.address);
+                Errno::EIO
+            })?;
+            Ok(Bytes::from(plain))
+        }
+        .boxed()
+        .shared();
+        fetching.insert(chunk.address, fetch.clone());
+        fetch
+    }
+
+    pub(super) async fn chunk_data(&self, chunk: ChunkRef) -> Result<Bytes, Errno> {
+        let result = self.chunk(chunk).await;
+        self.fetching
+            .lock()
+            .expect("fetching")
+            .remove(&chunk.address);
+        if let Ok(data) = &result {
+            self.chunks
+                .lock()
+                .expect("chunks")
+                .put(chunk.address, data.clone());
+        }
+        result
+    }
+
+    /// Starts fetching chunks a sequential reader will want next.
+    pub(super) fn read_ahead(self: &Arc<Self>, refs: Vec<ChunkRef>) {
+        for chunk in refs {
+            if self.chunks.lock().expect("chunks").contains(&chunk.address) {
+                continue;
+            }
+            let fs = self.clone();
+            tokio::spawn(async move {
+                let _ = fs.chunk_data(chunk).await;
+            });
+        }
+    }
+
+    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let (_, file) = self.handle(fh)?;
+        let mut out;
+        let mut fetch = Vec::new();
+        {
+            let mut f = file.lock().await;
+            let end = (offset + u64::from(size)).min(f.inode.size);
+            if offset >= end {
+                return Ok(Vec::new());
+            }
+            out = vec![0u8; (end - offset) as usize];
+            match &f.inode.content {
+                Content::Inline(data) => copy_from_chunk(0, Some(data), offset, &mut out),
+                Content::Chunks(chunks) => {
+                    for index in chunk_span(offset, out.len() as u64) {
+                        if let Some(data) = f.dirty.get(&index) {
+                            copy_from_chunk(index, Some(data), offset, &mut out);
+                        } else if let Some((data, _)) = f.uploading.get(&index) {
+                            copy_from_chunk(index, Some(data), offset, &mut out);
+                        } else if let Some(chunk) = chunks.get(&index) {
+                            fetch.push((index, *chunk));
+                        }
+                    }
+                    if offset == f.last_read_end && offset > 0 {
+                        let next = chunk_span(end, READ_AHEAD * CHUNK_SIZE);
+                        let ahead = chunks.range(next).map(|(_, c)| *c).collect();
+                        self.read_ahead(ahead);
+                    }
+                }
+                Content::Symlink(_) | Content::Dir => return Err(Errno::EINVAL),
+            }
+            f.last_read_end = end;
+        }
+        let fetched =
+            futures::future::join_all(fetch.iter().map(|(index, chunk)| async move {
+                (*index, *chunk, self.chunk_data(*chunk).await)
+            }))
+            .await;
+        for (index, chunk, data) in fetched {
+            let data = data?;
+            let valid = &data[..(chunk.len as usize).min(data.len())];
+            copy_from_chunk(index, Some(valid), offset, &mut out);
+        }
+        Ok(out)
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        self.writable()?;
+        let (_, file) = self.handle(fh)?;
+        let end = offset + data.len() as u64;
+        // Committed chunks this write changes only in part are read first,
+        // without holding the file: other writes and reads go on meanwhile.
+        let partial = |index: u64| {
+            let start = index * CHUNK_SIZE;
+            offset > start || end < start + CHUNK_SIZE
+        };
+        let needed: Vec<ChunkRef> = {
+            let f = file.lock().await;
+            chunk_span(offset, data.len() as u64)
+                .filter(|&i| {
+                    partial(i) && !f.dirty.contains_key(&i) && !f.uploading.contains_key(&i)
+                })
+                .filter_map(|i| f.inode.chunks().find(|(j, _)| **j == i).map(|(_, c)| *c))
+                .collect()
+        };
+        for fetched in
+            futures::future::join_all(needed.into_iter().map(|c| self.chunk_data(c))).await
+        {
+            fetched?;
+        }
+        let mut f = file.lock().await;
+        // Buffered data counts against the volume before it is committed.
+        let buffered: u64 = f.dirty.values().map(|d| d.len() as u64).sum::<u64>()
+            + f.uploading
+                .values()
+                .map(|(d, _)| d.len() as u64)
+                .sum::<u64>();
+        self.check_space(buffered + end.saturating_sub(f.inode.size).min(data.len() as u64))?;
+        if let Content::Inline(inline) = &mut f.inode.content {
+            if end <= INLINE_MAX {
+                if inline.len() < end as usize {
+                    inline.resize(end as usize, 0);
+                }
+                inline[offset as usize..end as usize].copy_from_slice(data);
+                f.inode.size = f.inode.size.max(end);
+                f.inode.mtime = crate::fs::now();
+                f.changed = true;
+                return Ok(data.len() as u32);
+            }
+            let inline = std::mem::take(inline);
+            f.inode.content = Content::Chunks(BTreeMap::new());
+            if !inline.is_empty() {
+                f.dirty.insert(0, inline);
+            }
+        }
+        for index in chunk_span(offset, data.len() as u64) {
+            let chunk_start = index * CHUNK_SIZE;
+            let from = offset.max(chunk_start);
+            let to = end.min(chunk_start + CHUNK_SIZE);
+            if !f.dirty.contains_key(&index) {
+                let existing = if let Some((d, _)) = f.uploading.remove(&index) {
+                    d.to_vec()
+                } else if !partial(index) {
+                    Vec::new()
+                } else if let Some(chunk) = f
+                    .inode
+                    .chunks()
+                    .find(|(i, _)| **i == index)
+                    .map(|(_, c)| *c)
+                {
+                    let d = self.chunk_data(chunk).await?;
+                    d[..(chunk.len as usize).min(d.len())].to_vec()
+                } else {
+                    Vec::new()
+                };
+                f.dirty.insert(index, existing);
+            }
+            let buf = f.dirty.get_mut(&index).expect("inserted");
+            let (a, b) = ((from - chunk_start) as usize, (to - chunk_start) as usize);
+            if buf.len() < b {
+                buf.resize(b, 0);
+            }
+            buf[a..b].copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            // A full chunk goes out now, in parallel with further writes.
+            if buf.len() as u64 == CHUNK_SIZE && to == chunk_start + CHUNK_SIZE {
+                let data = Arc::new(f.dirty.remove(&index).expect("present"));
+                let task = self.upload(data.clone()).await;
+                f.uploading.insert(index, (data, task));
+            }
+        }
+        while f.dirty.len() > MAX_DIRTY {
+            let (index, data) = f.dirty.pop_first().expect("non-empty");
+            let data = Arc::new(data);
+            let task = self.upload(data.clone()).await;
+            f.uploading.insert(index, (data, task));
+        }
+        f.inode.size = f.inode.size.max(end);
+        f.inode.mtime = crate::fs::now();
+        f.changed = true;
+        Ok(data.len() as u32)
+    }
+
+    /// Makes an open file's changes durable: uploads what is buffered, then
+    /// writes the inode's new content in one version, re-applied on top of
+    /// any attribute change another mount made meanwhile.
+    pub(super) async fn commit_file(
+        &self,
+        ino: u64,
+        file: &Arc<tokio::sync::Mutex<OpenFile>>,
+    ) -> Result<(), Errno> {
+        let mut f = file.lock().await;
+        if !f.changed {
+            return Ok(());
+        }
+        let dirty: Vec<(u64, Arc<Vec<u8>>)> = std::mem::take(&mut f.dirty)
+            .into_iter()
+            .map(|(i, d)| (i, Arc::new(d)))
+            .collect();
+        for (index, data) in dirty {
+            let task = self.upload(data.clone()).await;
+            f.uploading.insert(index, (data, task));
+        }
+        let uploading = std::mem::take(&mut f.uploading);
+        let mut uploaded = BTreeMap::new();
+        let mut failed = None;
+        for (index, (data, task)) in uploading {
+            match task.await {
+                Ok(Ok(chunk)) => {
+                    uploaded.insert(index, chunk);
+                }
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some(Errno::EIO),
+            }
+            if failed.is_some() {
+                // Keep the data buffered so that a retry can commit it.
+                f.dirty.insert(index, data.to_vec());
+            }
+        }
+        if let Content::Chunks(chunks) = &mut f.inode.content {
+            chunks.extend(uploaded);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if f.inode.nlink == 0 {
+            f.changed = false;
+            return Ok(());
+        }
+        let ours = f.inode.clone();
+        let (_, now) = self
+            .meta
+            .update::<Inode, _>(
+                &Self::inode_name(ino),
+                f.base.clone(),
+                |cur: Option<&Inode>| {
+                    let next = match cur {
+                        None => ours.clone(),
+                        Some(cur) => {
+                            let mut next = cur.clone();
+                            next.content = ours.content.clone();
+                            next.size = ours.size;
+                            next.mtime = ours.mtime;
+                            next.ctime = crate::fs::now();
+                            next
+                        }
+                    };
+                    (Some(next), ())
+                },
+            )
+            .await
+            .map_err(meta_errno)?;
+        let (inode, block) = now.ok_or(Errno::EIO)?;
+        let stored = inode.stored_bytes();
+        self.add_usage(Usage {
+            bytes: stored as i64 - f.committed_bytes as i64,
+            files: 0,
+        });
+        f.committed_bytes = stored;
+        self.cache_inode(&inode, &block);
+        self.page_cache
+            .lock()
+            .expect("page cache")
+            .insert(ino, block.version);
+        f.inode = inode;
+        f.base = Some(block);
+        f.changed = false;
+        Ok(())
+    }
+
+    /// flush and fsync: commit the file behind a handle.
+    pub async fn commit(&self, fh: u64) -> Result<(), Errno> {
+        let (ino, file) = self.handle(fh)?;
+        self.commit_file(ino, &file).await
+    }
+
+    /// Closes a handle, committing what is left.
+    pub async fn release(&self, fh: u64) -> Result<(), Errno> {
+        let Some(ino) = self.handles.lock().expect("handles").remove(&fh) else {
+            return Err(Errno::EBADF);
+        };
+        let file = self.files.lock().expect("files").get(&ino).cloned();
+        let Some(file) = file else {
+            return Ok(());
+        };
+        let result = self.commit_file(ino, &file).await;
+        self.release_file(ino, &file).await;
+        result
+    }
+
+    /// Commits every open file (before an unmount).
+    pub async fn commit_all(&self) {
+        let files: Vec<_> = self
+            .files
+            .lock()
+            .expect("files")
+            .iter()
+            .map(|(i, f)| (*i, f.clone()))
+            .collect();
+        for (ino, file) in files {
+            if let Err(e) = self.commit_file(ino, &file).await {
+                warn!("commit of inode {ino} before unmount: {e:?}");
+            }
+        }
+        self.sync_usage().await;
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        match self.inode(ino).await?.content {
+            Content::Symlink(target) => Ok(target),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+}

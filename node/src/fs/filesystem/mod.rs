@@ -1,0 +1,417 @@
+//! One mounted volume's POSIX operations, as async functions that return
+//! errno values: the FUSE layer only translates requests and replies.
+//!
+//! - Metadata: inode and directory-shard blocks through [`Meta`], cached
+//!   and validated by version; directory changes are compare-and-set and
+//!   are re-applied to whichever version won a conflict.
+//! - Data: writes are buffered per open file; full chunks are uploaded at
+//!   once, in the background and in parallel, the rest at commit. A commit
+//!   (flush, fsync, close) replaces the inode's content in one version, so
+//!   a reader sees the old file or the new one, never a mix.
+//! - Reads: chunks come from an in-memory cache (chunks are immutable, so
+//!   it is never invalidated); sequential readers get the next chunks
+//!   fetched ahead, in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fuser::Errno;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use shoal_core::Address;
+use shoal_core::fs::crypt::NONCE_LEN;
+use shoal_core::fs::dir::DirEntry;
+use shoal_core::fs::inode::{
+    CHUNK_SIZE, INLINE_MAX, NAME_MAX, ROOT_INO, chunk_span, copy_from_chunk,
+};
+use shoal_core::fs::{ChunkRef, Content, Inode, Kind, Shard, ShardId, Usage, VolumeRecord};
+use shoal_core::mutable::{MutableBlock, PublicKey};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+mod directory;
+mod file;
+
+use super::chunk_cache::ChunkCache;
+use super::meta::{Meta, MetaError, VolumeKeys};
+use super::volumes::{USAGE, Volumes};
+use crate::blocks::{BlockError, Blocks};
+
+/// How long a cached inode or directory leaf answers without asking its
+/// quorum again (the kernel caches attributes as long).
+pub const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Chunks fetched ahead of a sequential reader.
+const READ_AHEAD: u64 = 8;
+/// Chunks of plaintext kept in memory.
+const CHUNK_CACHE: usize = 256;
+/// Dirty chunks an open file may buffer before it uploads the oldest
+/// (256 MiB: random writes over a large region stay in memory until fsync).
+const MAX_DIRTY: usize = 256;
+/// Chunk uploads in flight per mount: enough to keep every replica busy,
+/// few enough that each finishes well within the request timeout.
+const UPLOADS_IN_FLIGHT: usize = 8;
+/// Inode reads in flight when a directory listing prefetches attributes.
+const PREFETCH_PARALLEL: usize = 64;
+
+type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Errno>>>;
+
+/// A chunk on its way to the cluster: its plaintext, and the upload.
+type Upload = (Arc<Vec<u8>>, JoinHandle<Result<ChunkRef, Errno>>);
+
+/// A file open on this mount, shared by all its handles.
+#[derive(Debug)]
+struct OpenFile {
+    /// The working copy: committed state plus buffered writes.
+    inode: Inode,
+    /// The version the working copy is based on (`None` until created).
+    base: Option<MutableBlock>,
+    /// Chunks written since the last commit: whole plaintext, by index.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    /// Chunks on their way to the cluster, with their plaintext.
+    uploading: BTreeMap<u64, Upload>,
+    /// Whether the working copy differs from the committed version.
+    changed: bool,
+    handles: usize,
+    /// Bytes the committed version stores (for usage accounting).
+    committed_bytes: u64,
+    /// Where the last read ended, to detect sequential reading.
+    last_read_end: u64,
+}
+
+/// The directory listing an open directory handle walks through.
+type Listing = Arc<Vec<(Vec<u8>, DirEntry)>>;
+
+#[derive(Debug, Default)]
+struct UsageState {
+    /// The volume's usage when last read.
+    total: Usage,
+    /// This mount's changes not yet added to the usage block.
+    pending: Usage,
+}
+
+/// A mounted volume.
+pub struct VolumeFs {
+    record: Mutex<VolumeRecord>,
+    volumes: Volumes,
+    meta: Meta<VolumeKeys>,
+    blocks: Arc<Blocks>,
+    disk_cache: Arc<ChunkCache>,
+    read_only: bool,
+    inodes: Mutex<HashMap<u64, (Inode, MutableBlock, Instant)>>,
+    shards: Mutex<HashMap<ShardId, (Shard, MutableBlock, Instant)>>,
+    chunks: Mutex<lru::LruCache<Address, Bytes>>,
+    fetching: Mutex<HashMap<Address, ChunkFuture>>,
+    files: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<OpenFile>>>>,
+    handles: Mutex<HashMap<u64, u64>>,
+    listings: Mutex<HashMap<u64, Listing>>,
+    /// Inode versions whose data the kernel's page cache holds.
+    page_cache: Mutex<HashMap<u64, u64>>,
+    next_handle: AtomicU64,
+    usage: Mutex<UsageState>,
+    upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Who owns the chunks this volume writes: its writer key (deleting the
+    /// volume drops every chunk it owns).
+    owner: PublicKey,
+}
+
+impl std::fmt::Debug for VolumeFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeFs")
+            .field("volume", &self.record.lock().expect("record").name)
+            .finish()
+    }
+}
+
+fn meta_errno(e: MetaError) -> Errno {
+    warn!("metadata: {e}");
+    Errno::EIO
+}
+
+fn block_errno(e: BlockError) -> Errno {
+    warn!("data: {e}");
+    match e {
+        BlockError::NotEnoughNodes { full, .. } if full > 0 => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+impl VolumeFs {
+    pub fn new(
+        record: VolumeRecord,
+        volumes: Volumes,
+        blocks: Arc<Blocks>,
+        disk_cache: Arc<ChunkCache>,
+        read_only: bool,
+    ) -> Arc<Self> {
+        let meta = volumes.meta(&record);
+        let owner = meta.keys().key.writer().public();
+        Arc::new(Self {
+            record: Mutex::new(record),
+            volumes,
+            meta,
+            blocks,
+            disk_cache,
+            read_only,
+            inodes: Mutex::default(),
+            shards: Mutex::default(),
+            chunks: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(CHUNK_CACHE).expect("nonzero"),
+            )),
+            fetching: Mutex::default(),
+            files: Mutex::default(),
+            handles: Mutex::default(),
+            listings: Mutex::default(),
+            page_cache: Mutex::default(),
+            next_handle: AtomicU64::new(1),
+            usage: Mutex::default(),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
+            owner,
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.record.lock().expect("record").name.clone()
+    }
+
+    /// Checks the volume is readable (its root exists) and loads usage.
+    pub async fn start(&self) -> Result<(), Errno> {
+        self.inode(ROOT_INO).await?;
+        self.sync_usage().await;
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<(), Errno> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    // ---- usage -----------------------------------------------------------
+
+    fn add_usage(&self, delta: Usage) {
+        self.usage.lock().expect("usage").pending.add(delta);
+    }
+
+    /// Adds this mount's pending changes to the volume's usage block and
+    /// rereads the volume's size (it may have been resized).
+    pub async fn sync_usage(&self) {
+        let pending = std::mem::take(&mut self.usage.lock().expect("usage").pending);
+        let result = if pending == Usage::default() {
+            self.meta
+                .read::<Usage>(USAGE)
+                .await
+                .map(|r| r.map(|(u, _)| u))
+        } else {
+            self.meta
+                .update::<Usage, _>(USAGE, None, |cur: Option<&Usage>| {
+                    let mut u = cur.copied().unwrap_or_default();
+                    u.add(pending);
+                    (Some(u), ())
+                })
+                .await
+                .map(|(_, now)| now.map(|(u, _)| u))
+        };
+        match result {
+            Ok(total) => self.usage.lock().expect("usage").total = total.unwrap_or_default(),
+            Err(e) => {
+                warn!("volume usage: {e}");
+                self.usage.lock().expect("usage").pending.add(pending);
+            }
+        }
+        let name = self.name();
+        match self.volumes.get(&name).await {
+            Ok(r) => *self.record.lock().expect("record") = r,
+            Err(e) => warn!("volume {name}: {e}"),
+        }
+    }
+
+    /// Bytes used, as this mount knows it.
+    fn used(&self) -> (u64, u64) {
+        let u = self.usage.lock().expect("usage");
+        let bytes = (u.total.bytes + u.pending.bytes).max(0) as u64;
+        let files = (u.total.files + u.pending.files).max(0) as u64;
+        (bytes, files)
+    }
+
+    /// Size, used bytes and files, for statfs.
+    pub fn statfs(&self) -> (u64, u64, u64) {
+        let size = self.record.lock().expect("record").size;
+        let (used, files) = self.used();
+        (size, used, files)
+    }
+
+    fn check_space(&self, growth: u64) -> Result<(), Errno> {
+        let size = self.record.lock().expect("record").size;
+        if growth > 0 && self.used().0 + growth > size {
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
+    }
+
+    // ---- inodes ----------------------------------------------------------
+
+    fn inode_name(ino: u64) -> Vec<u8> {
+        Meta::<VolumeKeys>::inode_name(ino)
+    }
+
+    fn cache_inode(&self, inode: &Inode, block: &MutableBlock) {
+        self.inodes
+            .lock()
+            .expect("inodes")
+            .insert(inode.ino, (inode.clone(), block.clone(), Instant::now()));
+    }
+
+    /// The committed inode, fresh from its quorum.
+    async fn read_inode(&self, ino: u64) -> Result<(Inode, MutableBlock), Errno> {
+        match self
+            .meta
+            .read::<Inode>(&Self::inode_name(ino))
+            .await
+            .map_err(meta_errno)?
+        {
+            Some((inode, block)) => {
+                self.cache_inode(&inode, &block);
+                Ok((inode, block))
+            }
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// The inode as this mount sees it: an open file's working copy, else a
+    /// cached copy younger than [`ATTR_TTL`], else fresh.
+    pub async fn inode(&self, ino: u64) -> Result<Inode, Errno> {
+        let open = self.files.lock().expect("files").get(&ino).cloned();
+        if let Some(file) = open {
+            return Ok(file.lock().await.inode.clone());
+        }
+        if let Some((inode, _, at)) = self.inodes.lock().expect("inodes").get(&ino)
+            && at.elapsed() < ATTR_TTL
+        {
+            return Ok(inode.clone());
+        }
+        self.read_inode(ino).await.map(|(i, _)| i)
+    }
+
+    /// Applies `change` to the committed inode (and to the open file's
+    /// working copy, which keeps its own content).
+    async fn update_inode(
+        &self,
+        ino: u64,
+        change: impl Fn(&mut Inode) -> Result<(), Errno>,
+    ) -> Result<Inode, Errno> {
+        self.writable()?;
+        // A file created here and not yet committed has no block yet.
+        let open = self.files.lock().expect("files").get(&ino).cloned();
+        if let Some(file) = &open {
+            self.commit_file(ino, file).await?;
+        }
+        let known = self
+            .inodes
+            .lock()
+            .expect("inodes")
+            .get(&ino)
+            .map(|(_, b, _)| b.clone());
+        let (result, now) = self
+            .meta
+            .update::<Inode, _>(&Self::inode_name(ino), known, |cur: Option<&Inode>| {
+                let Some(cur) = cur else {
+                    return (None, Err(Errno::ENOENT));
+                };
+                let mut next = cur.clone();
+                match change(&mut next) {
+                    Ok(()) => {
+                        next.ctime = super::now();
+                        (Some(next), Ok(()))
+                    }
+                    Err(e) => (None, Err(e)),
+                }
+            })
+            .await
+            .map_err(meta_errno)?;
+        result?;
+        let (inode, block) = now.ok_or(Errno::ENOENT)?;
+        self.cache_inode(&inode, &block);
+        if let Some(file) = open {
+            let mut f = file.lock().await;
+            let mut next = inode.clone();
+            if f.changed {
+                // A write landed since the commit above: keep its content.
+                next.content = std::mem::replace(&mut f.inode.content, Content::Dir);
+                next.size = f.inode.size;
+            }
+            f.inode = next;
+            f.base = Some(block);
+            return Ok(f.inode.clone());
+        }
+        Ok(inode)
+    }
+
+    /// Fetches many inodes in parallel into the cache (directory prefetch).
+    async fn prefetch_inodes(&self, inos: Vec<u64>) -> HashMap<u64, Inode> {
+        use futures::StreamExt;
+        futures::stream::iter(inos)
+            .map(|ino| async move { (ino, self.inode(ino).await) })
+            .buffer_unordered(PREFETCH_PARALLEL)
+            .filter_map(|(ino, r)| async move { r.ok().map(|i| (ino, i)) })
+            .collect()
+            .await
+    }
+
+    // ---- attributes --------------------------------------------------------
+
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        change: impl Fn(&mut Inode) -> Result<(), Errno>,
+    ) -> Result<Inode, Errno> {
+        self.update_inode(ino, change).await
+    }
+
+    /// Sets a file's size through its open state, or directly.
+    pub async fn truncate(&self, ino: u64, size: u64) -> Result<Inode, Errno> {
+        self.writable()?;
+        let file = self.open_file(ino).await?;
+        {
+            let mut f = file.lock().await;
+            if f.inode.kind != Kind::File {
+                return Err(Errno::EISDIR);
+            }
+            f.dirty.retain(|&i, _| i * CHUNK_SIZE < size);
+            f.uploading.retain(|&i, _| i * CHUNK_SIZE < size);
+            let keep = size % CHUNK_SIZE;
+            let last = size / CHUNK_SIZE;
+            if let Some(chunk) = f.dirty.get_mut(&last) {
+                chunk.truncate(keep as usize);
+            }
+            if let Some((data, _)) = f.uploading.remove(&last) {
+                let mut data = data.to_vec();
+                data.truncate(keep as usize);
+                f.dirty.insert(last, data);
+            }
+            f.inode.truncate(size);
+            f.inode.mtime = super::now();
+            f.changed = true;
+        }
+        let result = self.commit_file(ino, &file).await;
+        self.release_file(ino, &file).await;
+        result?;
+        let inode = file.lock().await.inode.clone();
+        Ok(inode)
+    }
+}
