@@ -43,7 +43,7 @@ struct Link {
 }
 
 impl Network for Link {
-    fn initial_members(&self, _: &Address) -> Vec<NodeId> {
+    fn initial_members(&self, _: &Address, _: usize) -> Vec<NodeId> {
         self.world.members.clone()
     }
 

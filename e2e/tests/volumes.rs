@@ -65,19 +65,12 @@ async fn volumes_are_created_listed_resized_and_deleted() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is mounted"));
     fs::write(mount.dir.join("three"), vec![3u8; 3 << 20]).unwrap();
     mount.unmount().unwrap();
-    let mut before = 0;
-    for i in 0..3 {
-        before += cluster.local_blocks(i).await.unwrap().len();
-    }
+    let before = stored_blocks(&cluster).await;
     // Deleting frees the volume's chunks on every peer: 4 chunks (one for
     // "one", three for "three") on 3 replicas each.
     let out = cli(&cluster, &["volume", "delete", "alpha"]);
     assert!(out.contains("in 12 blocks"), "{out}");
-    let mut after = 0;
-    for i in 0..3 {
-        after += cluster.local_blocks(i).await.unwrap().len();
-    }
-    assert_eq!(before - after, 12);
+    assert_eq!(before - stored_blocks(&cluster).await, 12);
     assert!(!cli(&cluster, &["volume", "list"]).contains("alpha"));
     let out = shoal(&["volume", "delete", "alpha", "--dir", dir]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
@@ -221,4 +214,38 @@ async fn fsynced_data_survives_sigkill_of_the_mount_and_two_more_peers() {
     );
     let other = cluster.mount(2, "durable", "mnt-other").unwrap();
     assert_eq!(fs::read(other.dir.join("big")).unwrap(), big);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_keeps_its_own_number_of_replicas() {
+    let cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
+    let dir = cluster.peers[0].dir.to_str().unwrap();
+    let out = shoal(&["volume", "create", "wide", "--replicas", "4", "--dir", dir]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need 4 peers"));
+    let out = cli(&cluster, &["volume", "create", "pair", "--replicas", "2"]);
+    assert!(out.contains("2 replicas"), "{out}");
+    let before = stored_blocks(&cluster).await;
+    let mount = cluster.mount(0, "pair", "mnt").unwrap();
+    let data: Vec<u8> = (0..(2 << 20)).map(|i: u32| (i % 241) as u8).collect();
+    fs::write(mount.dir.join("two-chunks"), &data).unwrap();
+    mount.unmount().unwrap();
+    // Two chunks, each on two peers (all copies written by now: the write
+    // waits for a majority of 2, which is both).
+    assert_eq!(stored_blocks(&cluster).await - before, 4);
+    let other = cluster.mount(2, "pair", "mnt-other").unwrap();
+    assert_eq!(fs::read(other.dir.join("two-chunks")).unwrap(), data);
+    assert!(
+        cli(&cluster, &["volume", "list"])
+            .lines()
+            .any(|l| l.contains("pair") && l.split_whitespace().any(|w| w == "2"))
+    );
+}
+
+/// Immutable blocks held by all peers together.
+async fn stored_blocks(cluster: &TestCluster) -> usize {
+    let mut n = 0;
+    for i in 0..cluster.peers.len() {
+        n += cluster.local_blocks(i).await.unwrap().len();
+    }
+    n
 }

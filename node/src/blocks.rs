@@ -183,10 +183,10 @@ impl Blocks {
     }
 
     /// The nodes a new block goes to.
-    pub fn replicas_for_write(&self, address: &Address) -> Vec<NodeInfo> {
+    pub fn replicas_for_write(&self, address: &Address, replicas: usize) -> Vec<NodeInfo> {
         let (view, writes, _) = self.trees();
         writes
-            .place(address, self.config.policy.replicas)
+            .place(address, replicas)
             .iter()
             .filter_map(|id| view.get(id).cloned())
             .collect()
@@ -221,16 +221,19 @@ impl Blocks {
     }
 
     pub async fn put(self: &Arc<Self>, data: Bytes) -> Result<Address, BlockError> {
-        self.put_owned(data, None).await
+        self.put_owned(data, None, None).await
     }
 
-    /// Stores a block on behalf of `owner` (see [`Blocks::delete_owned`]).
+    /// Stores a block on behalf of `owner` (see [`Blocks::delete_owned`]),
+    /// on `replicas` replicas if not the cluster's number (acknowledged by
+    /// a majority of them).
     pub async fn put_owned(
         self: &Arc<Self>,
         data: Bytes,
         owner: Option<PublicKey>,
+        replicas: Option<usize>,
     ) -> Result<Address, BlockError> {
-        self.put_many(vec![data], owner)
+        self.put_many(vec![data], owner, replicas)
             .await
             .pop()
             .expect("one result per block")
@@ -242,8 +245,9 @@ impl Blocks {
         self: &Arc<Self>,
         blocks: Vec<Bytes>,
         owner: Option<PublicKey>,
+        replicas: Option<usize>,
     ) -> Vec<Result<Address, BlockError>> {
-        let needed = self.config.write_quorum;
+        let needed = replicas.map_or(self.config.write_quorum, |r| r / 2 + 1);
         let mut results: Vec<Option<Result<Address, BlockError>>> = vec![None; blocks.len()];
         let mut tallies: Vec<(Address, usize, usize, Vec<String>)> = Vec::new();
         let mut per_node: HashMap<NodeId, (NodeInfo, Vec<usize>)> = HashMap::new();
@@ -256,7 +260,8 @@ impl Blocks {
                     continue;
                 }
             };
-            let replicas = self.replicas_for_write(&address);
+            let replicas =
+                self.replicas_for_write(&address, replicas.unwrap_or(self.config.policy.replicas));
             if replicas.len() < needed {
                 let view = self.view();
                 let full = view.reachable().filter(|n| n.free() == 0).count();

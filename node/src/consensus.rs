@@ -107,8 +107,9 @@ pub type ReplyFuture = Pin<Box<dyn Future<Output = Option<Reply<MutableBlock>>> 
 /// way to ask an acceptor. The cluster provides it over QUIC; a simulation
 /// provides it in memory, under virtual time.
 pub trait Network: Send + Sync + 'static {
-    /// The quorum a block starts with (its replicas by placement).
-    fn initial_members(&self, address: &Address) -> Vec<NodeId>;
+    /// The quorum a block with `replicas` replicas starts with (its
+    /// replicas by placement).
+    fn initial_members(&self, address: &Address, replicas: usize) -> Vec<NodeId>;
     /// Sends `request` about `address` to `to`.
     fn request(&self, to: NodeId, address: Address, request: Request<MutableBlock>) -> ReplyFuture;
 }
@@ -118,23 +119,18 @@ pub trait Network: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct ClusterNetwork {
     me: NodeId,
-    replicas: usize,
     blocks: Arc<Blocks>,
 }
 
 impl ClusterNetwork {
-    pub fn new(me: NodeId, replicas: usize, blocks: Arc<Blocks>) -> Self {
-        Self {
-            me,
-            replicas,
-            blocks,
-        }
+    pub fn new(me: NodeId, blocks: Arc<Blocks>) -> Self {
+        Self { me, blocks }
     }
 }
 
 impl Network for ClusterNetwork {
-    fn initial_members(&self, address: &Address) -> Vec<NodeId> {
-        self.blocks.placement_for_reads(address, self.replicas)
+    fn initial_members(&self, address: &Address, replicas: usize) -> Vec<NodeId> {
+        self.blocks.placement_for_reads(address, replicas)
     }
 
     fn request(&self, to: NodeId, address: Address, request: Request<MutableBlock>) -> ReplyFuture {
@@ -172,6 +168,15 @@ impl Network for ClusterNetwork {
     }
 }
 
+/// How a block's proposer starts, should it not exist yet.
+#[derive(Debug, Clone, Copy, Default)]
+struct Start {
+    /// The caller just drew the block's address at random.
+    creator: bool,
+    /// Replicas of the block, if not the cluster's number.
+    replicas: Option<usize>,
+}
+
 /// Bound on cached proposers (one per block this peer wrote or read);
 /// idle ones are dropped past it.
 const MAX_PROPOSERS: usize = 10_000;
@@ -205,14 +210,15 @@ impl<N: Network> Consensus<N> {
 
     /// The quorum a block starts with: its replicas from placement over
     /// every known node (stable while nodes come and go).
-    fn initial_config(&self, address: &Address) -> Config {
+    fn initial_config(&self, address: &Address, replicas: Option<usize>) -> Config {
+        let replicas = replicas.unwrap_or(self.config.replicas);
         Config {
             epoch: 1,
-            members: self.network.initial_members(address),
+            members: self.network.initial_members(address, replicas),
         }
     }
 
-    fn proposer(&self, address: Address, creator: bool) -> SharedProposer {
+    fn proposer(&self, address: Address, start: Start) -> SharedProposer {
         let mut proposers = self.proposers.lock().expect("proposer cache");
         if proposers.len() >= MAX_PROPOSERS {
             proposers.retain(|_, p| p.try_lock().map(|p| !p.is_idle()).unwrap_or(true));
@@ -220,8 +226,8 @@ impl<N: Network> Consensus<N> {
         proposers
             .entry(address)
             .or_insert_with(|| {
-                let known = Chosen::empty(self.initial_config(&address));
-                Arc::new(tokio::sync::Mutex::new(if creator {
+                let known = Chosen::empty(self.initial_config(&address, start.replicas));
+                Arc::new(tokio::sync::Mutex::new(if start.creator {
                     Proposer::creator(self.me, known)
                 } else {
                     Proposer::new(self.me, known)
@@ -233,25 +239,47 @@ impl<N: Network> Consensus<N> {
     /// Proposes a signed version: version 1 creates the block, version N+1
     /// replaces version N if N is current.
     pub async fn put(&self, block: MutableBlock) -> Result<PutOutcome, ConsensusError> {
-        self.put_as(block, false).await
+        self.put_as(block, Start::default()).await
+    }
+
+    /// [`Self::put`] for a block kept on `replicas` replicas rather than
+    /// the cluster's number.
+    pub async fn put_in(
+        &self,
+        block: MutableBlock,
+        replicas: Option<usize>,
+    ) -> Result<PutOutcome, ConsensusError> {
+        let start = Start {
+            creator: false,
+            replicas,
+        };
+        self.put_as(block, start).await
     }
 
     /// Creates a block whose address this node has just drawn at random
     /// (no one else can know it): one round trip instead of two (see
     /// [`Proposer::creator`]).
-    pub async fn create_unique(&self, block: MutableBlock) -> Result<PutOutcome, ConsensusError> {
+    pub async fn create_unique(
+        &self,
+        block: MutableBlock,
+        replicas: Option<usize>,
+    ) -> Result<PutOutcome, ConsensusError> {
         if block.version != 1 {
             return Err(ConsensusError::Invalid(
                 "a new block starts at version 1".into(),
             ));
         }
-        self.put_as(block, true).await
+        let start = Start {
+            creator: true,
+            replicas,
+        };
+        self.put_as(block, start).await
     }
 
     async fn put_as(
         &self,
         block: MutableBlock,
-        creator: bool,
+        start: Start,
     ) -> Result<PutOutcome, ConsensusError> {
         block
             .verify()
@@ -265,7 +293,7 @@ impl<N: Network> Consensus<N> {
         // whether this write landed, should the outcome alone not tell.
         let mut witness = None;
         let outcome = self
-            .run(address, creator, Op::Write(update.clone()), |reply| {
+            .run(address, start, Op::Write(update.clone()), |reply| {
                 for chosen in reported_states(reply) {
                     // Only versions at or past ours say anything about it.
                     if let Some(v) = chosen
@@ -308,12 +336,33 @@ impl<N: Network> Consensus<N> {
         self.get_with_quorum(address).await.map(|(block, _)| block)
     }
 
+    /// [`Self::get`] for a block kept on `replicas` replicas.
+    pub async fn get_in(
+        &self,
+        address: Address,
+        replicas: Option<usize>,
+    ) -> Result<MutableBlock, ConsensusError> {
+        self.read(address, replicas).await.map(|(block, _)| block)
+    }
+
     /// A linearizable read that also tells which quorum decides the block.
     pub async fn get_with_quorum(
         &self,
         address: Address,
     ) -> Result<(MutableBlock, Config), ConsensusError> {
-        match self.run(address, false, Op::Read, |_| {}).await? {
+        self.read(address, None).await
+    }
+
+    async fn read(
+        &self,
+        address: Address,
+        replicas: Option<usize>,
+    ) -> Result<(MutableBlock, Config), ConsensusError> {
+        let start = Start {
+            creator: false,
+            replicas,
+        };
+        match self.run(address, start, Op::Read, |_| {}).await? {
             Outcome::Done(chosen)
             | Outcome::Refused {
                 current: chosen, ..
@@ -329,11 +378,11 @@ impl<N: Network> Consensus<N> {
     async fn run(
         &self,
         address: Address,
-        creator: bool,
+        start: Start,
         op: Op<PreSigned>,
         mut observe: impl FnMut(&Reply<MutableBlock>),
     ) -> Result<Outcome<MutableBlock>, ConsensusError> {
-        let shared = self.proposer(address, creator);
+        let shared = self.proposer(address, start);
         let mut proposer = shared.lock().await;
         if !proposer.is_idle() {
             // The caller of an earlier operation went away mid-way (its
@@ -456,7 +505,12 @@ impl Consensus<ClusterNetwork> {
                     continue;
                 };
                 match self
-                    .run(*address, false, Op::Reconfigure(members.clone()), |_| {})
+                    .run(
+                        *address,
+                        Start::default(),
+                        Op::Reconfigure(members.clone()),
+                        |_| {},
+                    )
                     .await
                 {
                     Ok(Outcome::Done(chosen)) => {
@@ -502,7 +556,8 @@ impl Consensus<ClusterNetwork> {
         if config.members.iter().copied().filter(|m| alive(m)).min() != Some(self.me) {
             return None;
         }
-        let want = self.config.replicas;
+        // A block keeps the number of replicas it was created with.
+        let want = config.members.len();
         let placed = self
             .network
             .blocks

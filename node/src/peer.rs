@@ -148,7 +148,7 @@ impl Peer {
                 round_timeout: Duration::from_millis(500),
                 deadline: Duration::from_secs(30),
             },
-            Arc::new(ClusterNetwork::new(me, policy.replicas, blocks.clone())),
+            Arc::new(ClusterNetwork::new(me, blocks.clone())),
             rand::random(),
         );
         {

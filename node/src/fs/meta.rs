@@ -117,6 +117,8 @@ pub struct Meta<K> {
     consensus: Arc<Consensus>,
     keys: K,
     writer: WriterKey,
+    /// Replicas of these blocks, if not the cluster's number.
+    replicas: Option<usize>,
 }
 
 impl<K: Keys> Meta<K> {
@@ -126,7 +128,14 @@ impl<K: Keys> Meta<K> {
             consensus,
             keys,
             writer,
+            replicas: None,
         }
+    }
+
+    /// The same blocks, kept on `replicas` replicas each.
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = Some(replicas);
+        self
     }
 
     pub fn keys(&self) -> &K {
@@ -170,7 +179,7 @@ impl<K: Keys> Meta<K> {
         what: &[u8],
     ) -> Result<Option<(T, MutableBlock)>, MetaError> {
         let address = self.address(what);
-        match self.consensus.get(address).await {
+        match self.consensus.get_in(address, self.replicas).await {
             Ok(block) => Ok(Some((self.open(&block)?.0, block))),
             Err(ConsensusError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
@@ -212,7 +221,11 @@ impl<K: Keys> Meta<K> {
             self.seal(&envelope),
         );
         let outcome = if unique {
-            match self.consensus.create_unique(block.clone()).await {
+            match self
+                .consensus
+                .create_unique(block.clone(), self.replicas)
+                .await
+            {
                 Ok(outcome) => outcome,
                 // Fall back to the general path, which sorts out
                 // unclear outcomes.
@@ -234,11 +247,11 @@ impl<K: Keys> Meta<K> {
     async fn put(&self, block: MutableBlock) -> Result<PutOutcome, MetaError> {
         let address = block.address;
         for _ in 0..3 {
-            match self.consensus.put(block.clone()).await {
+            match self.consensus.put_in(block.clone(), self.replicas).await {
                 // The write may have landed: read what is current and let
                 // the caller's comparison decide.
                 Err(ConsensusError::Indeterminate { .. }) => {
-                    let current = self.consensus.get(address).await?;
+                    let current = self.consensus.get_in(address, self.replicas).await?;
                     return Ok(if current == block {
                         PutOutcome::Written(block)
                     } else {
@@ -249,7 +262,7 @@ impl<K: Keys> Meta<K> {
                 other => return Ok(other?),
             }
         }
-        Ok(self.consensus.put(block).await?)
+        Ok(self.consensus.put_in(block, self.replicas).await?)
     }
 
     /// Applies `change` to the block, starting from `known` (the version the
@@ -265,7 +278,7 @@ impl<K: Keys> Meta<K> {
         let address = self.address(what);
         let mut current: Option<MutableBlock> = match known {
             Some(b) => Some(b),
-            None => match self.consensus.get(address).await {
+            None => match self.consensus.get_in(address, self.replicas).await {
                 Ok(b) => Some(b),
                 Err(ConsensusError::NotFound(_)) => None,
                 Err(e) => return Err(e.into()),

@@ -85,6 +85,7 @@ impl Volumes {
                 id: record.id,
             },
         )
+        .with_replicas(record.replicas as usize)
     }
 
     /// Creates a volume with an empty root directory.
@@ -101,10 +102,15 @@ impl Volumes {
             ));
         }
         let replicas = replicas.unwrap_or(self.replicas as u32);
-        if replicas as usize != self.replicas {
+        if !(1..=7).contains(&replicas) {
             return Err(VolumeError::Invalid(format!(
-                "this cluster replicates every block {} times; volumes with {replicas} replicas are not supported",
-                self.replicas
+                "replicas must be between 1 and 7, not {replicas}"
+            )));
+        }
+        let nodes = self.blocks.view().reachable().count();
+        if replicas as usize > nodes {
+            return Err(VolumeError::Invalid(format!(
+                "{replicas} replicas need {replicas} peers; the cluster has {nodes}"
             )));
         }
         let registry = self.registry()?;

@@ -116,6 +116,7 @@ impl VolumeFs {
         let blocks = self.blocks.clone();
         let key = self.meta.keys().key.clone();
         let owner = self.owner;
+        let replicas = self.record.lock().expect("record").replicas as usize;
         let slot = self.upload_slots.clone().acquire_owned().await;
         tokio::spawn(async move {
             let _slot = slot;
@@ -123,7 +124,7 @@ impl VolumeFs {
             rand::fill(&mut nonce);
             let sealed = Bytes::from(key.seal_data(nonce, &data));
             let address = blocks
-                .put_owned(sealed, Some(owner))
+                .put_owned(sealed, Some(owner), Some(replicas))
                 .await
                 .map_err(block_errno)?;
             Ok(ChunkRef {
