@@ -316,20 +316,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 pub fn is_mounted(dir: &Path) -> bool {
-    !mount_ids(dir).is_empty()
-}
-
-/// The kernel's ids of the mounts at exactly `dir`.
-fn mount_ids(dir: &Path) -> Vec<u64> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let id = f.next()?.parse().ok()?;
-            let at = f.nth(3)?.replace("\\040", " ");
-            (Path::new(&at) == dir).then_some(id)
-        })
-        .collect()
+    mounts_under(dir).iter().any(|p| p == dir)
 }
 
 /// Lazily unmounts `target` (works on a mount whose server died).

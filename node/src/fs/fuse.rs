@@ -137,6 +137,26 @@ pub fn attr(i: &Inode) -> FileAttr {
     }
 }
 
+// Directory offsets: 1 and 2 are "." and "..", entry k of the listing is
+// k + 3; a reply continues after the offset the kernel gives.
+
+/// Entries of the listing before `offset`.
+fn listing_skip(offset: u64) -> usize {
+    (offset as usize).saturating_sub(2)
+}
+
+/// "." and ".." if they come after `offset`.
+fn dots_after(offset: u64) -> impl Iterator<Item = (u64, &'static str)> {
+    [(1, "."), (2, "..")]
+        .into_iter()
+        .filter(move |(o, _)| *o > offset)
+}
+
+/// The offset of entry `k` of a page that starts after `offset`.
+fn entry_offset(offset: u64, k: usize) -> u64 {
+    offset.max(2) + k as u64 + 1
+}
+
 fn name(n: &OsStr) -> Vec<u8> {
     n.as_bytes().to_vec()
 }
@@ -511,23 +531,20 @@ impl fuser::Filesystem for ShoalFuse {
     ) {
         self.spawn(
             move |fs| async move {
-                // Offsets 1 and 2 are "." and ".."; entry k is at k + 3.
-                let skip = (offset as usize).saturating_sub(2);
+                let skip = listing_skip(offset);
                 Ok((offset, fs.readdir(fh.0, skip, 4096, false).await?))
             },
             move |r: Result<_, Errno>| match r {
                 Ok((offset, entries)) => {
-                    let dots = [(1u64, "."), (2, "..")];
-                    for (off, n) in dots.iter().filter(|(o, _)| *o > offset) {
-                        if reply.add(ino, *off, FileType::Directory, n) {
+                    for (off, n) in dots_after(offset) {
+                        if reply.add(ino, off, FileType::Directory, n) {
                             return reply.ok();
                         }
                     }
-                    let start = offset.max(2);
                     for (k, (n, e, _)) in entries.iter().enumerate() {
                         if reply.add(
                             INodeNo(e.ino),
-                            start + k as u64 + 1,
+                            entry_offset(offset, k),
                             kind(e.kind),
                             OsStr::from_bytes(n),
                         ) {
@@ -551,26 +568,24 @@ impl fuser::Filesystem for ShoalFuse {
     ) {
         self.spawn(
             move |fs| async move {
-                let skip = (offset as usize).saturating_sub(2);
+                let skip = listing_skip(offset);
                 let dir = fs.inode(ino.0).await?;
                 Ok((offset, dir, fs.readdir(fh.0, skip, 512, true).await?))
             },
             move |r: Result<_, Errno>| match r {
                 Ok((offset, dir, entries)) => {
-                    let dots = [(1u64, "."), (2, "..")];
-                    for (off, n) in dots.iter().filter(|(o, _)| *o > offset) {
+                    for (off, n) in dots_after(offset) {
                         // The kernel does not look "." and ".." up: no TTL.
-                        if reply.add(ino, *off, n, &Duration::ZERO, &attr(&dir), Generation(0)) {
+                        if reply.add(ino, off, n, &Duration::ZERO, &attr(&dir), Generation(0)) {
                             return reply.ok();
                         }
                     }
-                    let start = offset.max(2);
                     for (k, (n, _, inode)) in entries.iter().enumerate() {
                         // Entries whose inode is not committed yet are skipped.
                         let Some(inode) = inode else { continue };
                         if reply.add(
                             INodeNo(inode.ino),
-                            start + k as u64 + 1,
+                            entry_offset(offset, k),
                             OsStr::from_bytes(n),
                             &ATTR_TTL,
                             &attr(inode),

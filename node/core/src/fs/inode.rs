@@ -109,14 +109,13 @@ impl Inode {
         decode(bytes, "inode")
     }
 
-    /// Chunks the file's data is spread over (none for inline data).
-    pub fn chunks(&self) -> impl Iterator<Item = (&u64, &ChunkRef)> {
+    /// The chunk holding file bytes from `index * CHUNK_SIZE`, if any (none
+    /// for inline data or a hole).
+    pub fn chunk(&self, index: u64) -> Option<ChunkRef> {
         match &self.content {
-            Content::Chunks(c) => Some(c.iter()),
+            Content::Chunks(c) => c.get(&index).copied(),
             _ => None,
         }
-        .into_iter()
-        .flatten()
     }
 
     /// Bytes of storage the content takes, for usage accounting.

@@ -291,22 +291,13 @@ impl VolumeFs {
             Err(e) => return Err(e),
         };
         self.add_usage(Usage { bytes: 0, files: 1 });
-        let file = OpenFile {
-            inode: inode.clone(),
-            base: Some(block.clone()),
-            dirty: BTreeMap::new(),
-            uploading: BTreeMap::new(),
-            changed: false,
-            handles: 0,
-            committed_bytes: 0,
-            last_read_end: 0,
-        };
         self.cache_inode(&inode, &block);
+        let file = OpenFile::at(inode.clone(), block);
         self.files
             .lock()
             .expect("files")
             .insert(inode.ino, Arc::new(tokio::sync::Mutex::new(file)));
-        let fh = self.open_handle(inode.ino).await?;
+        let fh = self.new_handle(inode.ino);
         Ok((inode, fh))
     }
 

@@ -18,16 +18,7 @@ impl VolumeFs {
             return Ok(f);
         }
         let (inode, block) = self.read_inode(ino).await?;
-        let file = Arc::new(tokio::sync::Mutex::new(OpenFile {
-            committed_bytes: inode.stored_bytes(),
-            inode,
-            base: Some(block),
-            dirty: BTreeMap::new(),
-            uploading: BTreeMap::new(),
-            changed: false,
-            handles: 1,
-            last_read_end: 0,
-        }));
+        let file = Arc::new(tokio::sync::Mutex::new(OpenFile::at(inode, block)));
         let existing = self
             .files
             .lock()
@@ -54,14 +45,11 @@ impl VolumeFs {
         }
     }
 
-    pub(super) async fn open_handle(&self, ino: u64) -> Result<u64, Errno> {
-        let file = self.files.lock().expect("files").get(&ino).cloned();
-        if let Some(file) = file {
-            file.lock().await.handles += 1;
-        }
+    /// A new handle on `ino`, whose open state already counts it.
+    pub(super) fn new_handle(&self, ino: u64) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().expect("handles").insert(fh, ino);
-        Ok(fh)
+        fh
     }
 
     /// Opens a file; returns the handle and whether the kernel may keep
@@ -85,9 +73,7 @@ impl VolumeFs {
             .expect("page cache")
             .insert(ino, version)
             == Some(version);
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().expect("handles").insert(fh, ino);
-        Ok((fh, keep))
+        Ok((self.new_handle(ino), keep))
     }
 
     pub(super) fn handle(
@@ -268,7 +254,7 @@ impl VolumeFs {
                 .filter(|&i| {
                     partial(i) && !f.dirty.contains_key(&i) && !f.uploading.contains_key(&i)
                 })
-                .filter_map(|i| f.inode.chunks().find(|(j, _)| **j == i).map(|(_, c)| *c))
+                .filter_map(|i| f.inode.chunk(i))
                 .collect()
         };
         for fetched in
@@ -310,12 +296,7 @@ impl VolumeFs {
                     d.to_vec()
                 } else if !partial(index) {
                     Vec::new()
-                } else if let Some(chunk) = f
-                    .inode
-                    .chunks()
-                    .find(|(i, _)| **i == index)
-                    .map(|(_, c)| *c)
-                {
+                } else if let Some(chunk) = f.inode.chunk(index) {
                     let d = self.chunk_data(chunk).await?;
                     d[..(chunk.len as usize).min(d.len())].to_vec()
                 } else {

@@ -82,6 +82,22 @@ struct OpenFile {
     last_read_end: u64,
 }
 
+impl OpenFile {
+    /// A file opened by one handle, at its committed version.
+    fn at(inode: Inode, base: MutableBlock) -> Self {
+        Self {
+            committed_bytes: inode.stored_bytes(),
+            inode,
+            base: Some(base),
+            dirty: BTreeMap::new(),
+            uploading: BTreeMap::new(),
+            changed: false,
+            handles: 1,
+            last_read_end: 0,
+        }
+    }
+}
+
 /// The directory listing an open directory handle walks through.
 type Listing = Arc<Vec<(Vec<u8>, DirEntry)>>;
 
