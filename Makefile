@@ -14,6 +14,7 @@ up: deps
 
 ## Run every test: unit, model, and end-to-end with real peer processes.
 test: deps
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 ## Benchmark replicated immutable blocks on a 3-peer loopback cluster.

@@ -3,6 +3,7 @@
 //! driven through their admin sockets. Every process a harness starts, it
 //! stops (SIGKILL on drop).
 
+pub mod csi;
 pub mod linearizability;
 
 use std::path::{Path, PathBuf};

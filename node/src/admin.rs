@@ -5,14 +5,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hyper_util::rt::TokioIo;
+use shoal_core::fs::{SnapshotRecord, Source};
 use shoal_core::{Address, NodeInfo, NodeState};
 use shoal_proto::admin::admin_client::AdminClient;
 use shoal_proto::admin::admin_server::{Admin, AdminServer};
 use shoal_proto::admin::{
-    CreateVolumeRequest, DeleteVolumeReply, DeleteVolumeRequest, ListVolumesReply,
-    ListVolumesRequest, MountReply, MountRequest, ResizeVolumeRequest, UnmountReply,
-    UnmountRequest, Volume, VolumeReply,
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeReply,
+    DeleteVolumeRequest, GetVolumeRequest, ListMountsReply, ListMountsRequest, ListSnapshotsReply,
+    ListSnapshotsRequest, ListVolumesReply, ListVolumesRequest, MountInfo, MountReply,
+    MountRequest, ResizeVolumeRequest, Snapshot, SnapshotReply, UnmountReply, UnmountRequest,
+    Volume, VolumeReply,
 };
 use shoal_proto::admin::{
     GetBlockReply, GetBlockRequest, GetMutableReply, GetMutableRequest, IsolateReply,
@@ -20,14 +22,13 @@ use shoal_proto::admin::{
     LocateBlockRequest, Member, PutBlockReply, PutBlockRequest, PutMutableReply, PutMutableRequest,
     SetDrainingReply, SetDrainingRequest, StatusReply, StatusRequest, put_mutable_reply,
 };
-use tokio::net::UnixStream;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::blocks::{BlockError, Blocks};
 use crate::consensus::{Consensus, ConsensusError, PutOutcome};
-use crate::fs::{MountError, Mounts, VolumeError, VolumeInfo};
+use crate::fs::mounts::MountSpec;
+use crate::fs::{MountError, Mounts, NewVolume, VolumeError, VolumeInfo};
 use crate::gossip::Gossip;
 use crate::wire;
 
@@ -53,8 +54,39 @@ fn volume_status(e: VolumeError) -> Status {
         VolumeError::NoKeyring => Status::failed_precondition(e.to_string()),
         VolumeError::Invalid(_) => Status::invalid_argument(e.to_string()),
         VolumeError::Exists(_) => Status::already_exists(e.to_string()),
-        VolumeError::NotFound(_) => Status::not_found(e.to_string()),
+        VolumeError::NotFound(_) | VolumeError::SnapshotNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
+        VolumeError::SnapshotExists(..) => Status::already_exists(e.to_string()),
+        VolumeError::OutOfRange(_) => Status::out_of_range(e.to_string()),
         VolumeError::Meta(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// How long a mount may take to answer a `stat` before it counts as hung.
+const MOUNT_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why the mount at `target` does not answer, if it does not.
+async fn mount_problem(target: PathBuf) -> Option<String> {
+    let shown = target.display().to_string();
+    let check = tokio::task::spawn_blocking(move || std::fs::metadata(&target).err());
+    match tokio::time::timeout(MOUNT_CHECK, check).await {
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(e))) => Some(format!("{shown} does not answer: {e}")),
+        Ok(Err(e)) => Some(format!("{shown}: {e}")),
+        Err(_) => Some(format!("{shown} did not answer within {MOUNT_CHECK:?}")),
+    }
+}
+
+fn snapshot(s: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        name: s.name.clone(),
+        source: s.source.clone(),
+        bytes: s.bytes,
+        files: s.files,
+        size: s.size,
+        created: s.created,
+        created_nanos: s.created_nanos,
     }
 }
 
@@ -65,6 +97,7 @@ fn mount_status(e: MountError) -> Status {
         MountError::NotDirectory(_) => Status::invalid_argument(e.to_string()),
         MountError::Busy(..) => Status::already_exists(e.to_string()),
         MountError::Io(..) => Status::internal(e.to_string()),
+        MountError::Options(_) => Status::invalid_argument(e.to_string()),
     }
 }
 
@@ -76,6 +109,14 @@ fn volume(info: &VolumeInfo) -> Volume {
         replicas: info.record.replicas,
         files: info.usage.files.max(0) as u64,
         created: info.record.created,
+        from_snapshot: match &info.record.source {
+            Some(Source::Snapshot(s)) => s.clone(),
+            _ => String::new(),
+        },
+        from_volume: match &info.record.source {
+            Some(Source::Volume(v)) => v.clone(),
+            _ => String::new(),
+        },
     }
 }
 
@@ -270,15 +311,30 @@ impl Admin for AdminService {
     ) -> Result<Response<VolumeReply>, Status> {
         let r = request.into_inner();
         let volumes = self.mounts.volumes();
-        let replicas = (r.replicas != 0).then_some(r.replicas);
+        let source = match (r.from_snapshot.is_empty(), r.from_volume.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(Source::Snapshot(r.from_snapshot)),
+            (true, false) => {
+                self.mounts.sync(&r.from_volume).await;
+                Some(Source::Volume(r.from_volume))
+            }
+            (false, false) => {
+                return Err(Status::invalid_argument(
+                    "a volume starts from a snapshot or from a volume, not both",
+                ));
+            }
+        };
         let record = volumes
-            .create(&r.name, r.size, replicas)
+            .create(NewVolume {
+                name: r.name,
+                size: r.size,
+                replicas: (r.replicas != 0).then_some(r.replicas),
+                source,
+            })
             .await
             .map_err(volume_status)?;
-        let info = VolumeInfo {
-            record,
-            usage: Default::default(),
-        };
+        let usage = volumes.usage(&record).await.map_err(volume_status)?;
+        let info = VolumeInfo { record, usage };
         Ok(Response::new(VolumeReply {
             volume: Some(volume(&info)),
         }))
@@ -299,7 +355,12 @@ impl Admin for AdminService {
         request: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeReply>, Status> {
         let name = request.into_inner().name;
-        if let Some((_, target)) = self.mounts.list().into_iter().find(|(v, _)| *v == name) {
+        if let Some((target, _)) = self
+            .mounts
+            .list()
+            .into_iter()
+            .find(|(_, spec)| spec.volume == name)
+        {
             return Err(Status::failed_precondition(format!(
                 "volume {name} is mounted at {}; unmount it first",
                 target.display()
@@ -342,9 +403,15 @@ impl Admin for AdminService {
                 r.target
             )));
         }
+        let spec = MountSpec {
+            volume: r.volume,
+            read_only: r.read_only,
+            options: r.options,
+            publish: r.publish,
+        };
         let target = self
             .mounts
-            .mount(&r.volume, &target, r.read_only)
+            .mount(&target, spec)
             .await
             .map_err(mount_status)?;
         Ok(Response::new(MountReply {
@@ -359,6 +426,92 @@ impl Admin for AdminService {
         let target = PathBuf::from(request.into_inner().target);
         self.mounts.unmount(&target).await.map_err(mount_status)?;
         Ok(Response::new(UnmountReply {}))
+    }
+
+    async fn get_volume(
+        &self,
+        request: Request<GetVolumeRequest>,
+    ) -> Result<Response<VolumeReply>, Status> {
+        let volumes = self.mounts.volumes();
+        let record = volumes
+            .get(&request.into_inner().name)
+            .await
+            .map_err(volume_status)?;
+        let usage = volumes.usage(&record).await.map_err(volume_status)?;
+        Ok(Response::new(VolumeReply {
+            volume: Some(volume(&VolumeInfo { record, usage })),
+        }))
+    }
+
+    async fn list_mounts(
+        &self,
+        _: Request<ListMountsRequest>,
+    ) -> Result<Response<ListMountsReply>, Status> {
+        let list = self.mounts.list();
+        let problems =
+            futures::future::join_all(list.iter().map(|(t, _)| mount_problem(t.clone()))).await;
+        Ok(Response::new(ListMountsReply {
+            mounts: list
+                .into_iter()
+                .zip(problems)
+                .map(|((target, spec), problem)| MountInfo {
+                    volume: spec.volume,
+                    target: target.display().to_string(),
+                    read_only: spec.read_only,
+                    published: spec.publish,
+                    options: spec.options,
+                    problem: problem.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        request: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<SnapshotReply>, Status> {
+        let r = request.into_inner();
+        self.mounts.sync(&r.source).await;
+        let s = self
+            .mounts
+            .volumes()
+            .create_snapshot(&r.name, &r.source)
+            .await
+            .map_err(volume_status)?;
+        Ok(Response::new(SnapshotReply {
+            snapshot: Some(snapshot(&s)),
+        }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsReply>, Status> {
+        let list = self
+            .mounts
+            .volumes()
+            .snapshots()
+            .await
+            .map_err(volume_status)?;
+        Ok(Response::new(ListSnapshotsReply {
+            snapshots: list.iter().map(snapshot).collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteVolumeReply>, Status> {
+        let (freed_blocks, freed_bytes) = self
+            .mounts
+            .volumes()
+            .delete_snapshot(&request.into_inner().name)
+            .await
+            .map_err(volume_status)?;
+        Ok(Response::new(DeleteVolumeReply {
+            freed_blocks,
+            freed_bytes,
+        }))
     }
 }
 
@@ -386,8 +539,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let path = socket_path(dir);
     // The caller holds the data dir lock, so a socket file here is stale.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
+    let incoming = shoal_proto::unix::listen(&path)
         .map_err(|e| anyhow::anyhow!("cannot bind admin socket {}: {e}", path.display()))?;
     let service = AdminServer::new(AdminService {
         blocks,
@@ -400,7 +552,7 @@ pub async fn serve(
     .max_encoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let _ = std::fs::remove_file(&path);
     Ok(())
@@ -415,13 +567,7 @@ pub async fn connect(dir: &Path) -> anyhow::Result<AdminClient<Channel>> {
             dir.display()
         );
     }
-    let channel = Endpoint::try_from("http://shoal.local")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the shoal peer in {}: {e}", dir.display()))?;
+    let channel = shoal_proto::unix::channel(&path);
     Ok(AdminClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))

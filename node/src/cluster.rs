@@ -158,7 +158,7 @@ async fn mount_volume(args: &ClusterUp, peer: &Path) -> anyhow::Result<String> {
         .create_volume(CreateVolumeRequest {
             name: args.volume.clone(),
             size: args.volume_size(),
-            replicas: 0,
+            ..Default::default()
         })
         .await
     {
@@ -173,7 +173,7 @@ async fn mount_volume(args: &ClusterUp, peer: &Path) -> anyhow::Result<String> {
         .mount(MountRequest {
             volume: args.volume.clone(),
             target: target.display().to_string(),
-            read_only: false,
+            ..Default::default()
         })
         .await
         .map_err(|s| anyhow::anyhow!("cannot mount volume {}: {}", args.volume, s.message()))?;

@@ -41,6 +41,8 @@ pub struct PeerConfig {
     pub gossip: GossipConfig,
 }
 
+/// The file in the data dir that records published mounts.
+const PUBLISHED_MOUNTS: &str = "published-mounts.json";
 /// Bytes of file chunks a peer keeps on disk for the volumes it mounts.
 const CHUNK_CACHE: u64 = 1 << 30;
 
@@ -175,7 +177,12 @@ impl Peer {
         let volumes = Volumes::new(consensus.clone(), blocks.clone(), keyring, policy.replicas);
         let chunk_cache = ChunkCache::open(&config.dir.join("chunk-cache"), CHUNK_CACHE)
             .context("cannot open the chunk cache")?;
-        let mounts = Arc::new(Mounts::new(volumes, blocks.clone(), Arc::new(chunk_cache)));
+        let mounts = Arc::new(Mounts::new(
+            volumes,
+            blocks.clone(),
+            Arc::new(chunk_cache),
+            config.dir.join(PUBLISHED_MOUNTS),
+        ));
         let peer = Self {
             dir: config.dir.clone(),
             blocks,
@@ -187,6 +194,7 @@ impl Peer {
             _lock: lock,
         };
         peer.join(&config.join).await?;
+        peer.mounts.restore();
         info!(node = %me, %addr, zone = %config.zone, rack = %config.rack, "peer started");
         Ok(peer)
     }

@@ -2,8 +2,12 @@
 //!
 //! - [`peer`]: messages storage peers exchange over QUIC.
 //! - [`admin`]: the gRPC admin API each peer serves on a unix socket.
+//! - [`csi`]: the Container Storage Interface (v1.10), which `shoal-csi`
+//!   serves to Kubernetes.
 
 #![allow(missing_debug_implementations)]
+
+pub mod unix;
 
 /// Modules nested as the protobuf packages are, so generated code that
 /// refers across packages resolves.
@@ -20,8 +24,17 @@ pub mod shoal {
     }
 }
 
+pub mod csi {
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
+
 /// Messages storage peers exchange over QUIC.
 pub use shoal::peer::v1 as peer;
 
 /// The gRPC admin API a peer serves on the unix socket in its data dir.
 pub use shoal::admin::v1 as admin;
+
+/// The Container Storage Interface, v1.10.
+pub use csi::v1 as csi_v1;

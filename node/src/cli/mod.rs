@@ -52,6 +52,9 @@ enum Command {
     /// Create, list, resize and delete volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Take, list and delete snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(volume::SnapshotCommand),
     /// Mount a volume at DIR through the local peer; Ctrl-C or SIGTERM
     /// unmounts.
     Mount {
@@ -60,6 +63,10 @@ enum Command {
         target: PathBuf,
         #[arg(long)]
         read_only: bool,
+        /// Mount options: ro, rw, noexec, nosuid, nodev, noatime, sync,
+        /// dirsync (comma-separated or repeated).
+        #[arg(short = 'o', long = "options")]
+        options: Vec<String>,
         #[command(flatten)]
         peer: PeerArgs,
     },
@@ -336,12 +343,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Undrain(peer)) => set_draining(&peer.dir, false).await,
         Command::Status(peer) => status(&peer.dir).await,
         Command::Volume(command) => volume::run(command).await,
+        Command::Snapshot(command) => volume::snapshot(command).await,
         Command::Mount {
             volume,
             target,
             read_only,
+            options,
             peer,
-        } => volume::mount(volume, target, read_only, peer).await,
+        } => volume::mount(volume, target, read_only, options, peer).await,
         Command::Umount { target, peer } => volume::umount(target, peer).await,
         Command::Block(BlockCommand::Put { file, peer }) => {
             let data =

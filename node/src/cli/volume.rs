@@ -1,4 +1,4 @@
-//! `shoal volume …`, `shoal mount` and `shoal umount`.
+//! `shoal volume …`, `shoal snapshot …`, `shoal mount` and `shoal umount`.
 
 use std::path::PathBuf;
 
@@ -6,8 +6,9 @@ use anyhow::Context;
 use clap::Subcommand;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use shoal_proto::admin::{
-    CreateVolumeRequest, DeleteVolumeRequest, ListVolumesRequest, MountRequest,
-    ResizeVolumeRequest, UnmountRequest, Volume,
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
+    ListSnapshotsRequest, ListVolumesRequest, MountRequest, ResizeVolumeRequest, UnmountRequest,
+    Volume,
 };
 
 use super::{PeerArgs, parse_size, shutdown_signal, status_error};
@@ -24,6 +25,13 @@ pub enum VolumeCommand {
         /// Replicas of every block (default: the cluster's).
         #[arg(long)]
         replicas: Option<u32>,
+        /// Start with this snapshot's content.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Start with a copy of this volume's content (no data is copied:
+        /// the volumes share chunks).
+        #[arg(long)]
+        from_volume: Option<String>,
         #[command(flatten)]
         peer: PeerArgs,
     },
@@ -43,6 +51,30 @@ pub enum VolumeCommand {
         name: String,
         #[arg(value_parser = parse_size)]
         size: u64,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a volume (its files as committed now; no file
+    /// data is copied).
+    Create {
+        name: String,
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// List snapshots.
+    List {
+        #[command(flatten)]
+        peer: PeerArgs,
+    },
+    /// Delete a snapshot.
+    Delete {
+        name: String,
         #[command(flatten)]
         peer: PeerArgs,
     },
@@ -69,6 +101,8 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
             name,
             size,
             replicas,
+            from_snapshot,
+            from_volume,
             peer,
         } => {
             let reply = admin::connect(&peer.dir)
@@ -77,6 +111,8 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
                     name,
                     size,
                     replicas: replicas.unwrap_or(0),
+                    from_snapshot: from_snapshot.unwrap_or_default(),
+                    from_volume: from_volume.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_error)?;
@@ -131,6 +167,67 @@ pub async fn run(command: VolumeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn snapshot(command: SnapshotCommand) -> anyhow::Result<()> {
+    match command {
+        SnapshotCommand::Create { name, volume, peer } => {
+            let s = admin::connect(&peer.dir)
+                .await?
+                .create_snapshot(CreateSnapshotRequest {
+                    name,
+                    source: volume,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            println!(
+                "snapshot {} of volume {}: {} in {} files",
+                s.name,
+                s.source,
+                size(s.bytes),
+                s.files
+            );
+        }
+        SnapshotCommand::List { peer } => {
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .list_snapshots(ListSnapshotsRequest {})
+                .await
+                .map_err(status_error)?;
+            let mut table = Table::new();
+            table.load_preset(UTF8_BORDERS_ONLY);
+            table.set_header(["NAME", "VOLUME", "USED", "FILES", "TAKEN"]);
+            for s in reply.into_inner().snapshots {
+                let taken =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.created.max(0) as u64);
+                table.add_row([
+                    s.name.clone(),
+                    s.source.clone(),
+                    size(s.bytes),
+                    s.files.to_string(),
+                    humantime::format_rfc3339_seconds(taken).to_string(),
+                ]);
+            }
+            println!("{table}");
+        }
+        SnapshotCommand::Delete { name, peer } => {
+            let reply = admin::connect(&peer.dir)
+                .await?
+                .delete_snapshot(DeleteSnapshotRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "deleted snapshot {name}; peers freed {} in {} blocks",
+                size(reply.freed_bytes),
+                reply.freed_blocks
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The absolute form of a mount point the user named (a stale mount left
 /// by a dead peer cannot be resolved, but the peer repairs it).
 fn absolute(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
@@ -150,6 +247,7 @@ pub async fn mount(
     volume: String,
     dir: PathBuf,
     read_only: bool,
+    options: Vec<String>,
     peer: PeerArgs,
 ) -> anyhow::Result<()> {
     let target = absolute(&dir)?;
@@ -159,6 +257,8 @@ pub async fn mount(
             volume: volume.clone(),
             target: target.display().to_string(),
             read_only,
+            options,
+            publish: false,
         })
         .await
         .map_err(status_error)?;

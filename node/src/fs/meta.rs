@@ -10,6 +10,7 @@ use shoal_core::fs::crypt::NONCE_LEN;
 use shoal_core::fs::{Envelope, Keyring, VolumeKey};
 use shoal_core::mutable::{MutableBlock, WriterKey, derive_address};
 
+use super::image::Image;
 use crate::consensus::{Consensus, ConsensusError, PutOutcome};
 
 /// How many times a compare-and-set is re-applied before giving up.
@@ -23,6 +24,8 @@ pub enum MetaError {
     Corrupt(String),
     #[error("gave up after {MAX_ATTEMPTS} conflicting updates of {0}")]
     Contended(Address),
+    #[error(transparent)]
+    Blocks(#[from] crate::blocks::BlockError),
 }
 
 /// A change to one block: given the current value (if the block exists),
@@ -58,6 +61,8 @@ sealed!(
     shoal_core::fs::Shard,
     shoal_core::fs::Usage,
     shoal_core::fs::VolumeRecord,
+    shoal_core::fs::SnapshotRecord,
+    shoal_core::fs::Lineage,
     shoal_core::fs::Catalogue
 );
 
@@ -70,12 +75,14 @@ pub trait Keys: std::fmt::Debug + Clone + Send + Sync + 'static {
     fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, shoal_core::fs::FsError>;
 }
 
-/// The blocks of one volume: its key, and its id (so that a re-created
-/// volume of the same name shares no block with the old one).
+/// The blocks of one volume: its key, its id (so that a re-created volume
+/// of the same name shares no block with the old one), and the data key of
+/// its lineage, which seals and owns its chunks.
 #[derive(Debug, Clone)]
 pub struct VolumeKeys {
     pub key: VolumeKey,
     pub id: [u8; 16],
+    pub data: VolumeKey,
 }
 
 impl Keys for VolumeKeys {
@@ -119,6 +126,9 @@ pub struct Meta<K> {
     writer: WriterKey,
     /// Replicas of these blocks, if not the cluster's number.
     replicas: Option<usize>,
+    /// The image the blocks start from: a block never written reads as
+    /// the image holds it (a restored or cloned volume).
+    base: Option<Arc<Image>>,
 }
 
 impl<K: Keys> Meta<K> {
@@ -129,6 +139,49 @@ impl<K: Keys> Meta<K> {
             keys,
             writer,
             replicas: None,
+            base: None,
+        }
+    }
+
+    /// The same blocks, starting from `image`.
+    pub fn with_base(mut self, image: Arc<Image>) -> Self {
+        self.base = Some(image);
+        self
+    }
+
+    /// A block not written since the image was taken, as the image holds
+    /// it: an unsigned stand-in at version 0, which updates replace by
+    /// creating version 1.
+    async fn in_base(&self, what: &[u8]) -> Result<Option<MutableBlock>, MetaError> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        let Some(body) = base.get(what).await? else {
+            return Ok(None);
+        };
+        let envelope = Envelope {
+            changes: Vec::new(),
+            body,
+        };
+        let mut block = self.writer.create(
+            self.salt(what),
+            vec![self.writer.public()],
+            self.seal(&envelope),
+        );
+        block.version = 0;
+        Ok(Some(block))
+    }
+
+    /// The current version of a block: written, or from the image.
+    async fn current(&self, what: &[u8]) -> Result<Option<MutableBlock>, MetaError> {
+        match self
+            .consensus
+            .get_in(self.address(what), self.replicas)
+            .await
+        {
+            Ok(block) => Ok(Some(block)),
+            Err(ConsensusError::NotFound(_)) => self.in_base(what).await,
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -178,11 +231,9 @@ impl<K: Keys> Meta<K> {
         &self,
         what: &[u8],
     ) -> Result<Option<(T, MutableBlock)>, MetaError> {
-        let address = self.address(what);
-        match self.consensus.get_in(address, self.replicas).await {
-            Ok(block) => Ok(Some((self.open(&block)?.0, block))),
-            Err(ConsensusError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
+        match self.current(what).await? {
+            Some(block) => Ok(Some((self.open(&block)?.0, block))),
+            None => Ok(None),
         }
     }
 
@@ -213,6 +264,11 @@ impl<K: Keys> Meta<K> {
         value: &T,
         unique: bool,
     ) -> Result<Option<MutableBlock>, MetaError> {
+        if let Some(base) = &self.base
+            && base.get(what).await?.is_some()
+        {
+            return Ok(None);
+        }
         let id = rand::random();
         let envelope = Envelope::default().next(id, value.to_bytes());
         let block = self.writer.create(
@@ -278,11 +334,7 @@ impl<K: Keys> Meta<K> {
         let address = self.address(what);
         let mut current: Option<MutableBlock> = match known {
             Some(b) => Some(b),
-            None => match self.consensus.get_in(address, self.replicas).await {
-                Ok(b) => Some(b),
-                Err(ConsensusError::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
-            },
+            None => self.current(what).await?,
         };
         let id: u64 = rand::random();
         let mut landed_output = None;
@@ -304,8 +356,8 @@ impl<K: Keys> Meta<K> {
             };
             let payload = self.seal(&envelope.next(id, new.to_bytes()));
             let block = match &current {
-                Some(c) => self.writer.write_after(c, payload),
-                None => self
+                Some(c) if c.version > 0 => self.writer.write_after(c, payload),
+                _ => self
                     .writer
                     .create(self.salt(what), vec![self.writer.public()], payload),
             };

@@ -5,14 +5,16 @@
 pub mod chunk_cache;
 pub mod filesystem;
 pub mod fuse;
+pub mod image;
 pub mod meta;
 pub mod mounts;
+pub mod snapshots;
 pub mod volumes;
 
 pub use chunk_cache::ChunkCache;
 pub use filesystem::VolumeFs;
 pub use mounts::{MountError, Mounts};
-pub use volumes::{VolumeError, VolumeInfo, Volumes};
+pub use volumes::{NewVolume, VolumeError, VolumeInfo, Volumes};
 
 use shoal_core::fs::Timestamp;
 use shoal_core::fs::inode::ROOT_INO;

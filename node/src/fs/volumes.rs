@@ -6,13 +6,17 @@ use std::sync::Arc;
 
 use shoal_core::fs::inode::ROOT_INO;
 use shoal_core::fs::volume::check_name;
-use shoal_core::fs::{Catalogue, Inode, Keyring, Kind, Usage, VolumeKey, VolumeRecord};
+use shoal_core::fs::{
+    Catalogue, Inode, Keyring, Kind, Lineage, Source, Usage, VolumeKey, VolumeRecord,
+};
 
+use super::image::Image;
 use super::meta::{Meta, MetaError, VolumeKeys};
 use crate::blocks::Blocks;
 use crate::consensus::Consensus;
 
 const CATALOGUE: &[u8] = b"catalogue";
+pub(super) const SNAPSHOT_CATALOGUE: &[u8] = b"snapshot-catalogue";
 /// The name of a volume's usage counter block.
 pub const USAGE: &[u8] = b"usage";
 
@@ -28,6 +32,12 @@ pub enum VolumeError {
     Exists(String),
     #[error("volume {0} not found")]
     NotFound(String),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
+    #[error("snapshot {0} already exists, of volume {1}")]
+    SnapshotExists(String, String),
+    #[error("{0}")]
+    OutOfRange(String),
     #[error(transparent)]
     Meta(#[from] MetaError),
 }
@@ -47,14 +57,57 @@ pub struct Volumes {
     replicas: usize,
 }
 
+/// What a new volume is made of.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub name: String,
+    pub size: u64,
+    /// `None`: the cluster's replication.
+    pub replicas: Option<u32>,
+    /// Content to start from: a snapshot, or a copy of another volume.
+    pub source: Option<Source>,
+}
+
 fn record_name(name: &str) -> Vec<u8> {
     format!("volume/{name}").into_bytes()
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+/// The block listing who shares a data key.
+fn lineage_name(data: &[u8; 32]) -> Vec<u8> {
+    let key = VolumeKey::from_bytes(*data).writer().public();
+    format!("lineage/{}", hex::encode(key.0)).into_bytes()
+}
+
+/// Registry records that a delete leaves as tombstones (their blocks keep
+/// their history, and a later create writes the next version).
+pub(super) trait Record: super::meta::Sealed + Clone + Send + Sync {
+    fn deleted(&self) -> bool;
+    fn bury(&mut self);
+}
+
+impl Record for VolumeRecord {
+    fn deleted(&self) -> bool {
+        self.deleted
+    }
+    fn bury(&mut self) {
+        self.deleted = true;
+    }
+}
+
+impl Record for shoal_core::fs::SnapshotRecord {
+    fn deleted(&self) -> bool {
+        self.deleted
+    }
+    fn bury(&mut self) {
+        self.deleted = true;
+    }
+}
+
+/// A member of a lineage: a volume or a snapshot, by name.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Member<'a> {
+    Volume(&'a str),
+    Snapshot(&'a str),
 }
 
 impl Volumes {
@@ -72,36 +125,110 @@ impl Volumes {
         }
     }
 
-    fn registry(&self) -> Result<&Meta<Keyring>, VolumeError> {
+    pub(super) fn registry(&self) -> Result<&Meta<Keyring>, VolumeError> {
         self.registry.as_ref().ok_or(VolumeError::NoKeyring)
+    }
+
+    pub(super) fn blocks(&self) -> &Arc<Blocks> {
+        &self.blocks
     }
 
     /// The blocks of an opened volume.
     pub fn meta(&self, record: &VolumeRecord) -> Meta<VolumeKeys> {
-        Meta::new(
+        let data = VolumeKey::from_bytes(record.data);
+        let meta = Meta::new(
             self.consensus.clone(),
             VolumeKeys {
                 key: VolumeKey::from_bytes(record.key),
                 id: record.id,
+                data: data.clone(),
             },
         )
-        .with_replicas(record.replicas as usize)
+        .with_replicas(record.replicas as usize);
+        match record.base {
+            Some(image) => meta.with_base(Arc::new(Image::new(image, self.blocks.clone(), data))),
+            None => meta,
+        }
     }
 
-    /// Creates a volume with an empty root directory.
-    pub async fn create(
+    /// Adds `member` to the lineage of data key `data`, or removes it;
+    /// when the last member leaves, every peer drops the lineage's chunks.
+    /// Returns the blocks and bytes freed.
+    pub(super) async fn lineage(
         &self,
+        data: &[u8; 32],
+        member: Member<'_>,
+        join: bool,
+    ) -> Result<(u64, u64), VolumeError> {
+        let (_, now) = self
+            .registry()?
+            .update::<Lineage, _>(&lineage_name(data), None, |cur: Option<&Lineage>| {
+                let mut l = cur.cloned().unwrap_or_default();
+                let set = match member {
+                    Member::Volume(_) => &mut l.volumes,
+                    Member::Snapshot(_) => &mut l.snapshots,
+                };
+                let (Member::Volume(name) | Member::Snapshot(name)) = member;
+                let changed = if join {
+                    set.insert(name.to_string())
+                } else {
+                    set.remove(name)
+                };
+                (changed.then_some(l), ())
+            })
+            .await?;
+        if join || !now.is_none_or(|(l, _)| l.is_empty()) {
+            return Ok((0, 0));
+        }
+        let writer = VolumeKey::from_bytes(*data).writer();
+        Ok(self.blocks.delete_owned(&writer).await)
+    }
+
+    /// Adds or removes `name` in a catalogue block.
+    pub(super) async fn catalogue(
+        &self,
+        block: &[u8],
         name: &str,
-        size: u64,
-        replicas: Option<u32>,
-    ) -> Result<VolumeRecord, VolumeError> {
+        add: bool,
+    ) -> Result<(), VolumeError> {
+        self.registry()?
+            .update::<Catalogue, _>(block, None, |cur: Option<&Catalogue>| {
+                let mut c = cur.cloned().unwrap_or_default();
+                let changed = if add {
+                    c.names.insert(name.to_string())
+                } else {
+                    c.names.remove(name)
+                };
+                (changed.then_some(c), ())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The names a catalogue block lists.
+    pub(super) async fn names(
+        &self,
+        block: &[u8],
+    ) -> Result<std::collections::BTreeSet<String>, VolumeError> {
+        Ok(self
+            .registry()?
+            .read::<Catalogue>(block)
+            .await?
+            .map(|(c, _)| c.names)
+            .unwrap_or_default())
+    }
+
+    /// Creates a volume: empty, or starting from a snapshot or a copy of
+    /// another volume (sharing their chunks: no file data is copied).
+    pub async fn create(&self, new: NewVolume) -> Result<VolumeRecord, VolumeError> {
+        let name = new.name.as_str();
         check_name(name).map_err(VolumeError::Invalid)?;
-        if size == 0 {
+        if new.size == 0 {
             return Err(VolumeError::Invalid(
                 "volume size must be above zero".into(),
             ));
         }
-        let replicas = replicas.unwrap_or(self.replicas as u32);
+        let replicas = new.replicas.unwrap_or(self.replicas as u32);
         if !(1..=7).contains(&replicas) {
             return Err(VolumeError::Invalid(format!(
                 "replicas must be between 1 and 7, not {replicas}"
@@ -116,50 +243,116 @@ impl Volumes {
         let registry = self.registry()?;
         let mut record = VolumeRecord {
             name: name.to_string(),
-            id: [0; 16],
-            key: [0; 32],
-            size,
+            id: rand::random(),
+            key: rand::random(),
+            data: rand::random(),
+            base: None,
+            source: new.source.clone(),
+            size: new.size,
             replicas,
-            created: now_secs(),
+            created: super::now().secs,
             deleted: false,
         };
-        rand::fill(&mut record.id);
-        rand::fill(&mut record.key);
+        let too_small = |used: u64| {
+            (new.size < used).then(|| {
+                VolumeError::OutOfRange(format!(
+                    "the source holds {used} bytes; a volume of {} bytes cannot hold it",
+                    new.size
+                ))
+            })
+        };
+        // Join the source's lineage before reading it, so that deleting
+        // the source meanwhile cannot free the chunks this volume shares.
+        match &new.source {
+            None => {
+                self.lineage(&record.data, Member::Volume(name), true)
+                    .await?;
+            }
+            Some(Source::Snapshot(snapshot)) => {
+                let snap = self.snapshot(snapshot).await?;
+                if let Some(e) = too_small(snap.bytes) {
+                    return Err(e);
+                }
+                self.lineage(&snap.data, Member::Volume(name), true).await?;
+                // Still there now that the lineage holds its chunks?
+                let snap = match self.snapshot(snapshot).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.lineage(&snap.data, Member::Volume(name), false)
+                            .await?;
+                        return Err(e);
+                    }
+                };
+                record.data = snap.data;
+                record.base = Some(snap.image);
+            }
+            Some(Source::Volume(volume)) => {
+                let source = self.get(volume).await?;
+                if let Some(e) = too_small(self.usage(&source).await?.bytes.max(0) as u64) {
+                    return Err(e);
+                }
+                self.lineage(&source.data, Member::Volume(name), true)
+                    .await?;
+                record.data = source.data;
+                record.base = Some(self.capture(&source).await?.0);
+            }
+        }
         let (created, _) = registry
             .update::<VolumeRecord, _>(&record_name(name), None, |cur: Option<&VolumeRecord>| {
                 match cur {
-                    Some(r) if !r.deleted => (None, false),
-                    _ => (Some(record.clone()), true),
+                    Some(r) if !r.deleted => (None, Some(r.data)),
+                    _ => (Some(record.clone()), None),
                 }
             })
             .await?;
-        if !created {
+        if let Some(existing) = created {
+            if existing != record.data {
+                self.lineage(&record.data, Member::Volume(name), false)
+                    .await?;
+            }
             return Err(VolumeError::Exists(name.into()));
         }
-        let meta = self.meta(&record);
-        let root = Inode::new(ROOT_INO, Kind::Dir, 0o755, 0, 0, super::now());
-        meta.create(&Meta::<VolumeKeys>::inode_name(ROOT_INO), &root)
-            .await?;
-        registry
-            .update::<Catalogue, _>(CATALOGUE, None, |cur: Option<&Catalogue>| {
-                let mut c = cur.cloned().unwrap_or_default();
-                (c.names.insert(name.to_string()).then_some(c), ())
-            })
-            .await?;
+        if record.base.is_none() {
+            let meta = self.meta(&record);
+            let root = Inode::new(ROOT_INO, Kind::Dir, 0o755, 0, 0, super::now());
+            meta.create(&Meta::<VolumeKeys>::inode_name(ROOT_INO), &root)
+                .await?;
+        }
+        self.catalogue(CATALOGUE, name, true).await?;
         Ok(record)
     }
 
     /// The live record of volume `name`.
     pub async fn get(&self, name: &str) -> Result<VolumeRecord, VolumeError> {
         check_name(name).map_err(VolumeError::Invalid)?;
-        match self
-            .registry()?
-            .read::<VolumeRecord>(&record_name(name))
+        self.live(&record_name(name))
             .await?
-        {
-            Some((r, _)) if !r.deleted => Ok(r),
-            _ => Err(VolumeError::NotFound(name.into())),
-        }
+            .ok_or_else(|| VolumeError::NotFound(name.into()))
+    }
+
+    /// The record in `block`, unless it is a tombstone or missing.
+    pub(super) async fn live<T: Record>(&self, block: &[u8]) -> Result<Option<T>, VolumeError> {
+        Ok(match self.registry()?.read::<T>(block).await? {
+            Some((r, _)) if !r.deleted() => Some(r),
+            _ => None,
+        })
+    }
+
+    /// Turns the live record in `block` into a tombstone; returns it, or
+    /// `None` if there was none.
+    pub(super) async fn bury<T: Record>(&self, block: &[u8]) -> Result<Option<T>, VolumeError> {
+        let (found, _) = self
+            .registry()?
+            .update::<T, _>(block, None, |cur: Option<&T>| match cur {
+                Some(r) if !r.deleted() => {
+                    let mut r = r.clone();
+                    r.bury();
+                    (Some(r.clone()), Some(r))
+                }
+                _ => (None, None),
+            })
+            .await?;
+        Ok(found)
     }
 
     pub async fn usage(&self, record: &VolumeRecord) -> Result<Usage, VolumeError> {
@@ -173,12 +366,7 @@ impl Volumes {
 
     /// Every volume, by name.
     pub async fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
-        let names = self
-            .registry()?
-            .read::<Catalogue>(CATALOGUE)
-            .await?
-            .map(|(c, _)| c.names)
-            .unwrap_or_default();
+        let names = self.names(CATALOGUE).await?;
         let found = futures::future::join_all(names.iter().map(|name| async move {
             let record = match self.get(name).await {
                 Ok(r) => r,
@@ -192,35 +380,17 @@ impl Volumes {
         found.into_iter().filter_map(Result::transpose).collect()
     }
 
-    /// Deletes a volume: its name is free again, and every peer that
-    /// answers drops the volume's chunks. Returns the blocks and bytes
-    /// freed.
+    /// Deletes a volume: its name is free again, and unless snapshots or
+    /// volumes made from it still share its data, every peer that answers
+    /// drops its chunks. Returns the blocks and bytes freed.
     pub async fn delete(&self, name: &str) -> Result<(u64, u64), VolumeError> {
         check_name(name).map_err(VolumeError::Invalid)?;
-        let registry = self.registry()?;
-        let (found, _) = registry
-            .update::<VolumeRecord, _>(&record_name(name), None, |cur: Option<&VolumeRecord>| {
-                match cur {
-                    Some(r) if !r.deleted => {
-                        let mut r = r.clone();
-                        r.deleted = true;
-                        (Some(r.clone()), Some(r))
-                    }
-                    _ => (None, None),
-                }
-            })
-            .await?;
-        let Some(record) = found else {
+        let Some(record) = self.bury::<VolumeRecord>(&record_name(name)).await? else {
             return Err(VolumeError::NotFound(name.into()));
         };
-        registry
-            .update::<Catalogue, _>(CATALOGUE, None, |cur: Option<&Catalogue>| {
-                let mut c = cur.cloned().unwrap_or_default();
-                (c.names.remove(name).then_some(c), ())
-            })
-            .await?;
-        let writer = VolumeKey::from_bytes(record.key).writer();
-        Ok(self.blocks.delete_owned(&writer).await)
+        self.catalogue(CATALOGUE, name, false).await?;
+        self.lineage(&record.data, Member::Volume(name), false)
+            .await
     }
 
     /// Changes a volume's size; it may not shrink below what is used.

@@ -1,8 +1,11 @@
 //! Volume records: what a volume's name maps to.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use super::{FsError, decode, encode};
+use crate::Address;
 
 /// The payload of a volume's named block (sealed under the keyring).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,7 +14,17 @@ pub struct VolumeRecord {
     /// Distinguishes this volume from an earlier one of the same name: it
     /// is part of every block salt, so a re-created volume starts empty.
     pub id: [u8; 16],
+    /// Signs, places and seals the volume's own mutable blocks.
     pub key: [u8; 32],
+    /// Seals and owns file data: shared by a volume, its snapshots and the
+    /// volumes restored or cloned from them (its lineage), so they share
+    /// chunks without copying them.
+    pub data: [u8; 32],
+    /// The image this volume was restored or cloned from: metadata blocks
+    /// the volume has not written yet read from it.
+    pub base: Option<Address>,
+    /// What the volume's content came from, as it was asked for.
+    pub source: Option<Source>,
     pub size: u64,
     pub replicas: u32,
     /// Unix seconds.
@@ -19,6 +32,13 @@ pub struct VolumeRecord {
     /// A deleted volume leaves a tombstone: mutable blocks keep their
     /// history, and a later create writes the next version.
     pub deleted: bool,
+}
+
+/// Where a volume's initial content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    Snapshot(String),
+    Volume(String),
 }
 
 impl VolumeRecord {
@@ -54,11 +74,68 @@ impl Usage {
     }
 }
 
-/// The names of all volumes (a named block of its own, so that listing does
-/// not need a scan).
+/// A point-in-time copy of a volume: an image of its metadata that refers
+/// to the volume's chunks (no file data is copied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub id: [u8; 16],
+    /// The volume it was taken of, and that volume's id then.
+    pub source: String,
+    pub source_id: [u8; 16],
+    /// The source's data key (see [`VolumeRecord::data`]).
+    pub data: [u8; 32],
+    /// The image's index block.
+    pub image: Address,
+    /// Bytes and files the volume held.
+    pub bytes: u64,
+    pub files: u64,
+    /// The volume's size when taken: the smallest volume it restores into.
+    pub size: u64,
+    pub replicas: u32,
+    /// Unix seconds and nanoseconds.
+    pub created: i64,
+    pub created_nanos: u32,
+    pub deleted: bool,
+}
+
+impl SnapshotRecord {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FsError> {
+        decode(bytes, "snapshot record")
+    }
+}
+
+/// The names of all volumes or of all snapshots (a named block of its own,
+/// so that listing does not need a scan).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalogue {
-    pub names: std::collections::BTreeSet<String>,
+    pub names: BTreeSet<String>,
+}
+
+/// Who still uses a lineage's data (see [`VolumeRecord::data`]): volumes and
+/// snapshots by kind and name. When the last one goes, the chunks go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub volumes: BTreeSet<String>,
+    pub snapshots: BTreeSet<String>,
+}
+
+impl Lineage {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, FsError> {
+        decode(bytes, "lineage")
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.volumes.is_empty() && self.snapshots.is_empty()
+    }
 }
 
 impl Catalogue {
@@ -110,6 +187,9 @@ mod tests {
             name: "v".into(),
             id: [1; 16],
             key: [2; 32],
+            data: [3; 32],
+            base: Some(Address([4; 32])),
+            source: Some(Source::Snapshot("s".into())),
             size: 10,
             replicas: 3,
             created: 5,

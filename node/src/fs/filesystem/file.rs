@@ -100,7 +100,7 @@ impl VolumeFs {
     /// mount's upload slots is free (writers wait: backpressure).
     pub(super) async fn upload(&self, data: Arc<Vec<u8>>) -> JoinHandle<Result<ChunkRef, Errno>> {
         let blocks = self.blocks.clone();
-        let key = self.meta.keys().key.clone();
+        let key = self.meta.keys().data.clone();
         let owner = self.owner;
         let replicas = self.record.lock().expect("record").replicas as usize;
         let slot = self.upload_slots.clone().acquire_owned().await;
@@ -132,7 +132,7 @@ impl VolumeFs {
             return f.clone();
         }
         let blocks = self.blocks.clone();
-        let key = self.meta.keys().key.clone();
+        let key = self.meta.keys().data.clone();
         let disk = self.disk_cache.clone();
         let fetch = async move {
             let address = chunk.address;

@@ -174,7 +174,7 @@ impl VolumeFs {
         read_only: bool,
     ) -> Arc<Self> {
         let meta = volumes.meta(&record);
-        let owner = meta.keys().key.writer().public();
+        let owner = meta.keys().data.writer().public();
         Arc::new(Self {
             record: Mutex::new(record),
             volumes,
