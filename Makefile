@@ -3,7 +3,7 @@
 # profile, so RocksDB is compiled once.
 CARGO ?= cargo
 
-.PHONY: deps up test bench bench-mutable bench-fs sim lint
+.PHONY: deps up test bench bench-mutable bench-fs bench-csi sim lint
 
 deps:
 	@scripts/install-deps.sh
@@ -30,6 +30,12 @@ bench-mutable: deps
 bench-fs: deps
 	$(CARGO) build --bin shoal
 	e2e/bench-fs.sh
+
+## Benchmark the CSI driver: CreateVolume, NodePublishVolume, and
+## CreateSnapshot of 10,000 files holding 10 MiB and 1 GiB.
+bench-csi: deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) run -p shoal-e2e --bin bench-csi
 
 ## Simulate placement and membership for 10,000 nodes.
 sim: deps

@@ -1,7 +1,7 @@
 //! The Identity service: who the driver is, what it offers, and whether it
 //! is ready (its peer answers and is a live member of the cluster).
 
-use shoal_proto::admin::NodeState;
+use shoal_proto::admin::{Member, NodeState};
 use shoal_proto::csi_v1::identity_server::Identity;
 use shoal_proto::csi_v1::plugin_capability::{
     Service, Type, VolumeExpansion, service, volume_expansion,
@@ -55,11 +55,23 @@ impl Identity for Driver {
         }))
     }
 
+    /// Ready once the local peer is a live member of a cluster in which a
+    /// majority of the replicas of a block can be reached: then volumes can
+    /// be created, written and mounted.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let ready = match self.me().await {
-            Ok(me) => me.state == NodeState::Alive as i32,
+        let ready = match self.status().await {
+            Ok(status) => {
+                let alive = |m: &&Member| m.state == NodeState::Alive as i32;
+                let me = status
+                    .members
+                    .iter()
+                    .filter(alive)
+                    .any(|m| m.node_id == status.node_id);
+                let live = status.members.iter().filter(alive).count();
+                me && live > status.replication as usize / 2
+            }
             Err(e) => {
-                debug!("probe: the local peer is not ready: {}", e.message());
+                debug!("probe: the local peer does not answer: {}", e.message());
                 false
             }
         };

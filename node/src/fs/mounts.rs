@@ -200,12 +200,12 @@ impl Mounts {
                 loop {
                     match mounts.mount(&target, spec.clone()).await {
                         Ok(_) => return,
-                        Err(MountError::Volume(VolumeError::NotFound(_))) => {
-                            warn!(
-                                "volume {} published at {} is gone; forgetting it",
-                                spec.volume,
-                                target.display()
-                            );
+                        // The volume, or the pod's directory, is gone.
+                        Err(
+                            e @ (MountError::Volume(VolumeError::NotFound(_))
+                            | MountError::NoTarget(_)),
+                        ) => {
+                            warn!("not restoring {}: {e}; forgetting it", target.display());
                             let _ = mounts.record(&target, None).await;
                             return;
                         }
