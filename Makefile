@@ -3,17 +3,22 @@
 # profile, so RocksDB is compiled once.
 CARGO ?= cargo
 
-.PHONY: deps up test bench bench-mutable bench-fs bench-csi sim lint
+.PHONY: deps kube up test bench bench-mutable bench-fs bench-csi sim lint manifests kind
 
 deps:
 	@scripts/install-deps.sh
+
+## kube-apiserver and kube-controller-manager from Debian's kubernetes
+## source, built once and cached, for the operator's integration test.
+kube:
+	@e2e/kube/build-apiserver.sh
 
 ## Start a local 3-peer cluster on loopback (Ctrl-C stops it).
 up: deps
 	$(CARGO) run --bin shoal -- cluster up $(ARGS)
 
 ## Run every test: unit, model, and end-to-end with real peer processes.
-test: deps
+test: deps kube
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
@@ -40,6 +45,15 @@ bench-csi: deps
 ## Simulate placement and membership for 10,000 nodes.
 sim: deps
 	$(CARGO) run -p shoal-e2e --bin sim-placement
+
+## Regenerate the CRD in manifests/ and the chart, and the install bundle.
+manifests:
+	SHOAL_UPDATE_MANIFESTS=1 $(CARGO) test -p shoal-operator --test manifests
+
+## The user path (helm install, StorageCluster, PVCs, an edit) on a kind
+## cluster; needs kind, helm and docker.
+kind:
+	e2e/kind-helm.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check

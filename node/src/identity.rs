@@ -6,16 +6,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use shoal_core::NodeId;
+use shoal_core::ca::{ClusterSecrets, new_keyring_hex};
 use shoal_core::fs::Keyring;
 
 /// The name every peer certificate carries and every peer expects: trust
@@ -87,18 +85,12 @@ pub fn init_ca(dir: &Path) -> Result<(), IdentityError> {
         path: dir.into(),
         source,
     })?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Shoal cluster CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_after = rcgen::date_time_ymd(2126, 1, 1);
-    let cert = params.self_signed(&key)?;
-    write_private(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
-    ensure_keyring(dir)?;
-    write_private(&cert_path, &cert.pem(), 0o644)
+    let secrets = ClusterSecrets::generate()?;
+    write_private(&dir.join(CA_KEY_FILE), &secrets.ca_key_pem, 0o600)?;
+    if !dir.join(KEYRING_FILE).exists() {
+        write_private(&dir.join(KEYRING_FILE), &secrets.keyring_hex, 0o600)?;
+    }
+    write_private(&cert_path, &secrets.ca_cert_pem, 0o644)
 }
 
 /// Creates the cluster keyring in `dir` unless there is one (clusters made
@@ -108,9 +100,7 @@ pub fn ensure_keyring(dir: &Path) -> Result<(), IdentityError> {
     if path.exists() {
         return Ok(());
     }
-    let mut ring = [0u8; 32];
-    rand::fill(&mut ring);
-    write_private(&path, &hex::encode(ring), 0o600)
+    write_private(&path, &new_keyring_hex(), 0o600)
 }
 
 /// The cluster keyring in `dir`, if this cluster has one (peers without it

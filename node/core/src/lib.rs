@@ -11,6 +11,7 @@
 
 pub mod address;
 pub mod block;
+pub mod ca;
 pub mod fs;
 pub mod membership;
 pub mod mutable;

@@ -23,7 +23,11 @@ use std::str::FromStr;
 use crate::{Address, NodeId, NodeInfo, NodeState, View};
 
 /// The failure domain that replicas of one block must not share.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
 pub enum FailureDomain {
     /// Distinct zones, else distinct racks, else distinct hosts.
     #[default]

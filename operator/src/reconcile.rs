@@ -1,0 +1,593 @@
+//! The StorageCluster controller: applies what [`crate::objects`] says a
+//! StorageCluster becomes (server-side apply, one field manager), makes
+//! its CA Secret once, reports status from the peers' DaemonSet and the
+//! controller Deployment, and on deletion removes the cluster-scoped
+//! objects that owner references cannot reach (a finalizer).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::crd::{StorageCluster, StorageClusterStatus};
+use crate::objects::{self, CLUSTER_LABEL, Desired, Names};
+
+/// The field manager of everything the operator applies.
+pub const MANAGER: &str = "shoal-operator";
+const FINALIZER: &str = "shoal.io/cleanup";
+/// How often a settled cluster's status is refreshed.
+const RESYNC: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("StorageCluster {0} has no namespace")]
+    NoNamespace(String),
+    #[error("cannot make the cluster CA: {0}")]
+    Ca(String),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// What every reconciliation shares.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Context")
+    }
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C.
+pub async fn run(client: Client) -> anyhow::Result<()> {
+    let clusters: Api<StorageCluster> = Api::all(client.clone());
+    if let Err(e) = clusters.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "cannot list StorageClusters ({e}); is the CRD installed? `shoal-operator crd | kubectl apply -f -`"
+        );
+    }
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+    });
+    let wc = watcher::Config::default();
+    Controller::new(clusters, wc.clone())
+        .owns(Api::<DaemonSet>::all(client.clone()), wc.clone())
+        .owns(Api::<Deployment>::all(client.clone()), wc.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), wc.clone())
+        .owns(Api::<Service>::all(client.clone()), wc)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => info!(%object, "reconciled"),
+                Err(e) => warn!("reconcile failed: {e}"),
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn error_policy(sc: Arc<StorageCluster>, error: &Error, _: Arc<Context>) -> Action {
+    warn!(cluster = %sc.name_any(), "{error}");
+    Action::requeue(Duration::from_secs(10))
+}
+
+pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = sc
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(sc.name_any()))?;
+    let api: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, sc, |event| async {
+        match event {
+            Finalizer::Apply(sc) => apply(&sc, &ctx).await,
+            Finalizer::Cleanup(sc) => cleanup(&sc, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()))
+}
+
+fn dynamic_api(client: &Client, d: &Desired, ns: &str) -> Api<DynamicObject> {
+    if d.namespaced {
+        Api::namespaced_with(client.clone(), ns, &d.resource)
+    } else {
+        Api::all_with(client.clone(), &d.resource)
+    }
+}
+
+/// Whether the desired object changes fields Kubernetes refuses to update:
+/// then it is deleted and made again (a StorageClass whose parameters
+/// changed; volumes already provisioned keep theirs).
+fn immutable_changed(d: &Desired, current: &DynamicObject) -> bool {
+    match d.resource.kind.as_str() {
+        "StorageClass" => [
+            "provisioner",
+            "parameters",
+            "reclaimPolicy",
+            "volumeBindingMode",
+        ]
+        .iter()
+        .any(|f| d.object.data.get(f) != current.data.get(f)),
+        // The server fills in the fields Shoal leaves out: compare those
+        // Shoal sets.
+        "CSIDriver" => !within(&d.object.data["spec"], &current.data["spec"]),
+        _ => false,
+    }
+}
+
+/// Whether every field `want` sets has the same value in `have`.
+fn within(want: &serde_json::Value, have: &serde_json::Value) -> bool {
+    match (want, have) {
+        (serde_json::Value::Object(w), serde_json::Value::Object(h)) => w
+            .iter()
+            .all(|(k, v)| h.get(k).is_some_and(|hv| within(v, hv))),
+        _ => want == have,
+    }
+}
+
+/// Whether the VolumeSnapshot CRDs are installed.
+async fn snapshots_installed(client: &Client) -> Result<bool, Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    Ok(crds
+        .get_opt("volumesnapshotclasses.snapshot.storage.k8s.io")
+        .await?
+        .is_some())
+}
+
+async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action, Error> {
+    let names = Names::of(sc);
+    let client = &ctx.client;
+    ensure_ca(sc, ctx, &names).await?;
+    let snapshots = snapshots_installed(client).await?;
+    let desired = objects::desired(sc, snapshots);
+    let params = PatchParams::apply(MANAGER).force();
+    for d in &desired {
+        let api = dynamic_api(client, d, &names.namespace);
+        if let Some(current) = api.get_opt(&d.name()).await?
+            && immutable_changed(d, &current)
+        {
+            info!(
+                kind = d.resource.kind,
+                name = d.name(),
+                "replacing: immutable fields changed"
+            );
+            api.delete(&d.name(), &DeleteParams::default()).await?;
+        }
+        api.patch(&d.name(), &params, &Patch::Apply(&d.object))
+            .await?;
+    }
+    prune(sc, client, &desired, snapshots).await?;
+    let status = status(sc, client, &names).await?;
+    let before = sc.status.clone().unwrap_or_default();
+    if before.phase != status.phase {
+        let (type_, reason) = match status.phase.as_str() {
+            "Degraded" => (EventType::Warning, "Degraded"),
+            phase => (EventType::Normal, phase),
+        };
+        let note = status
+            .conditions
+            .iter()
+            .find(|c| c.status == "True")
+            .map(|c| c.message.clone());
+        publish(ctx, sc, type_, reason, note).await;
+    }
+    let api: Api<StorageCluster> = Api::namespaced(client.clone(), &names.namespace);
+    api.patch_status(
+        &sc.name_any(),
+        &params,
+        &Patch::Apply(json!({
+            "apiVersion": "shoal.io/v1alpha1",
+            "kind": "StorageCluster",
+            "status": status,
+        })),
+    )
+    .await?;
+    Ok(Action::requeue(if status.phase == "Ready" {
+        RESYNC
+    } else {
+        Duration::from_secs(5)
+    }))
+}
+
+async fn publish(
+    ctx: &Context,
+    sc: &StorageCluster,
+    type_: EventType,
+    reason: &str,
+    note: Option<String>,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note,
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &sc.object_ref(&())).await {
+        warn!("cannot record event {reason}: {e}");
+    }
+}
+
+/// Makes the cluster's CA Secret (CA certificate and key, volume keyring)
+/// unless it exists. It is never rewritten, and it outlives the
+/// StorageCluster: the peers' data on the hosts is only usable with it.
+async fn ensure_ca(sc: &StorageCluster, ctx: &Context, names: &Names) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    if secrets.get_opt(&names.ca).await?.is_some() {
+        return Ok(());
+    }
+    let ca = shoal_core::ca::ClusterSecrets::generate().map_err(|e| Error::Ca(e.to_string()))?;
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": names.ca,
+            "namespace": names.namespace,
+            "labels": {CLUSTER_LABEL: objects::cluster_label(sc), "app.kubernetes.io/name": "shoal"},
+        },
+        "stringData": {
+            "ca.crt": ca.ca_cert_pem,
+            "ca.key": ca.ca_key_pem,
+            "keyring.key": ca.keyring_hex,
+        },
+    }))
+    .expect("a valid Secret");
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            publish(
+                ctx,
+                sc,
+                EventType::Normal,
+                "CACreated",
+                Some(format!("made Secret {}", names.ca)),
+            )
+            .await;
+            Ok(())
+        }
+        // Made by another reconciliation meanwhile.
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The cluster-scoped kinds the operator makes (namespaced ones are
+/// garbage-collected through their owner reference).
+fn cluster_scoped(snapshots: bool) -> Vec<ApiResource> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+    let mut kinds = vec![
+        ApiResource::erase::<ClusterRole>(&()),
+        ApiResource::erase::<ClusterRoleBinding>(&()),
+        ApiResource::erase::<CSIDriver>(&()),
+        ApiResource::erase::<StorageClass>(&()),
+    ];
+    if snapshots {
+        kinds.push(objects::snapshot_class_resource());
+    }
+    kinds
+}
+
+/// Deletes the cluster-scoped objects of this StorageCluster that are no
+/// longer wanted (a StorageClass removed from the spec).
+async fn prune(
+    sc: &StorageCluster,
+    client: &Client,
+    desired: &[Desired],
+    snapshots: bool,
+) -> Result<(), Error> {
+    let keep: BTreeSet<(String, String)> = desired
+        .iter()
+        .map(|d| (d.resource.kind.clone(), d.name()))
+        .collect();
+    delete_labelled(sc, client, snapshots, |kind, name| {
+        !keep.contains(&(kind.to_string(), name.to_string()))
+    })
+    .await
+}
+
+async fn delete_labelled(
+    sc: &StorageCluster,
+    client: &Client,
+    snapshots: bool,
+    doomed: impl Fn(&str, &str) -> bool,
+) -> Result<(), Error> {
+    let selector = format!("{CLUSTER_LABEL}={}", objects::cluster_label(sc));
+    for resource in cluster_scoped(snapshots) {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        for object in api.list(&ListParams::default().labels(&selector)).await? {
+            let name = object.name_any();
+            if doomed(&resource.kind, &name) {
+                info!(kind = resource.kind, name, "deleting");
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cleanup(sc: &StorageCluster, ctx: &Context) -> Result<Action, Error> {
+    let snapshots = snapshots_installed(&ctx.client).await?;
+    delete_labelled(sc, &ctx.client, snapshots, |_, _| true).await?;
+    publish(
+        ctx,
+        sc,
+        EventType::Normal,
+        "Deleted",
+        Some("removed the cluster's objects; data on the hosts and the CA Secret stay".into()),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// The status the peers' DaemonSet and the controller Deployment show.
+async fn status(
+    sc: &StorageCluster,
+    client: &Client,
+    names: &Names,
+) -> Result<StorageClusterStatus, Error> {
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace)
+        .get_opt(&names.node)
+        .await?
+        .and_then(|d| d.status);
+    let deploy = Api::<Deployment>::namespaced(client.clone(), &names.namespace)
+        .get_opt(&names.controller)
+        .await?
+        .and_then(|d| d.status);
+    let observed = PeerCounts {
+        desired: ds.as_ref().map_or(0, |s| s.desired_number_scheduled),
+        ready: ds.as_ref().map_or(0, |s| s.number_ready),
+        updated: ds
+            .as_ref()
+            .and_then(|s| s.updated_number_scheduled)
+            .unwrap_or(0),
+        controllers: deploy.and_then(|s| s.available_replicas).unwrap_or(0),
+    };
+    let previous = sc.status.clone().unwrap_or_default();
+    Ok(summarise(sc, &observed, &previous.conditions))
+}
+
+/// What the operator counts of the workloads it made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerCounts {
+    pub desired: i32,
+    pub ready: i32,
+    pub updated: i32,
+    pub controllers: i32,
+}
+
+/// Phase and conditions from the counts (a pure function; conditions keep
+/// their transition time while their status holds).
+pub fn summarise(
+    sc: &StorageCluster,
+    c: &PeerCounts,
+    previous: &[Condition],
+) -> StorageClusterStatus {
+    let replication = i32::from(sc.spec.replication);
+    let rolling = c.updated < c.desired;
+    let ready = c.desired > 0 && c.ready == c.desired && !rolling && c.controllers > 0;
+    let (degraded, degraded_reason, degraded_message) = if c.desired > 0 && c.desired < replication
+    {
+        (
+            true,
+            "TooFewNodes",
+            format!("{} storage nodes for replication {replication}", c.desired),
+        )
+    } else if c.ready < replication && c.desired > 0 && !rolling {
+        (
+            true,
+            "BelowReplication",
+            format!(
+                "{} of {} peers ready; replication is {replication}",
+                c.ready, c.desired
+            ),
+        )
+    } else {
+        (
+            false,
+            "Healthy",
+            format!("{} of {} peers ready", c.ready, c.desired),
+        )
+    };
+    let progressing = rolling || c.ready < c.desired || c.controllers == 0;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let generation = sc.metadata.generation.unwrap_or(0);
+    let condition = |type_: &str, status: bool, reason: &str, message: String| {
+        let status = if status { "True" } else { "False" }.to_string();
+        let since = previous
+            .iter()
+            .find(|p| p.type_ == type_ && p.status == status)
+            .map_or_else(|| now.clone(), |p| p.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status,
+            reason: reason.into(),
+            message,
+            last_transition_time: since,
+            observed_generation: Some(generation),
+        }
+    };
+    let conditions = vec![
+        condition(
+            "Ready",
+            ready,
+            if ready { "AllPeersReady" } else { "NotReady" },
+            format!(
+                "{}/{} peers ready, {} CSI controllers available",
+                c.ready, c.desired, c.controllers
+            ),
+        ),
+        condition(
+            "Progressing",
+            progressing,
+            if rolling {
+                "RollingOut"
+            } else if progressing {
+                "Starting"
+            } else {
+                "Settled"
+            },
+            format!(
+                "{}/{} peers on the current configuration",
+                c.updated, c.desired
+            ),
+        ),
+        condition("Degraded", degraded, degraded_reason, degraded_message),
+    ];
+    let phase = if c.desired == 0 {
+        "Pending"
+    } else if degraded {
+        "Degraded"
+    } else if ready {
+        "Ready"
+    } else {
+        "Progressing"
+    };
+    let per_node = objects::parse_quantity(&sc.spec.storage.capacity).unwrap_or(0);
+    StorageClusterStatus {
+        phase: phase.into(),
+        conditions,
+        ready_nodes: c.ready,
+        desired_nodes: c.desired,
+        ready: format!("{}/{}", c.ready, c.desired),
+        capacity: objects::quantity(per_node.saturating_mul(c.ready.max(0) as u64)),
+        observed_generation: generation,
+        ..Default::default()
+    }
+}
+
+/// Writes the zone and rack of this pod's node (`NODE_NAME`), read from
+/// the labels the StorageCluster names (`ZONE_LABEL`, `RACK_LABEL`), to
+/// `DIR/zone` and `DIR/rack`: the peers' init container.
+pub async fn node_topology(client: Client, out: &std::path::Path) -> anyhow::Result<()> {
+    let var = |name: &str| std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set"));
+    let node_name = var("NODE_NAME")?;
+    let node = Api::<Node>::all(client).get(&node_name).await?;
+    let labels = node.labels();
+    for (file, label) in [("zone", var("ZONE_LABEL")?), ("rack", var("RACK_LABEL")?)] {
+        let value = labels
+            .get(&label)
+            .cloned()
+            .unwrap_or_else(|| "default".into());
+        std::fs::write(out.join(file), &value)?;
+        info!(node = node_name, label, value, "{file}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(replication: u8) -> StorageCluster {
+        let mut sc = StorageCluster::new(
+            "main",
+            serde_json::from_value(json!({"replication": replication})).unwrap(),
+        );
+        sc.metadata.generation = Some(4);
+        sc
+    }
+
+    fn counts(desired: i32, ready: i32, updated: i32, controllers: i32) -> PeerCounts {
+        PeerCounts {
+            desired,
+            ready,
+            updated,
+            controllers,
+        }
+    }
+
+    fn condition<'a>(s: &'a StorageClusterStatus, type_: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn phases_follow_the_peers() {
+        let sc = cluster(3);
+        let s = summarise(&sc, &counts(0, 0, 0, 0), &[]);
+        assert_eq!(s.phase, "Pending");
+        let s = summarise(&sc, &counts(4, 2, 4, 1), &[]);
+        assert_eq!(s.phase, "Degraded");
+        assert_eq!(condition(&s, "Degraded").reason, "BelowReplication");
+        let s = summarise(&sc, &counts(4, 3, 2, 1), &[]);
+        assert_eq!(s.phase, "Progressing");
+        assert_eq!(condition(&s, "Progressing").reason, "RollingOut");
+        let s = summarise(&sc, &counts(2, 2, 2, 1), &[]);
+        assert_eq!(condition(&s, "Degraded").reason, "TooFewNodes");
+        let s = summarise(&sc, &counts(4, 4, 4, 2), &[]);
+        assert_eq!(s.phase, "Ready");
+        assert_eq!(s.ready, "4/4");
+        assert_eq!(s.capacity, "400Gi");
+        assert_eq!(s.observed_generation, 4);
+        assert_eq!(condition(&s, "Ready").status, "True");
+        assert_eq!(condition(&s, "Degraded").status, "False");
+    }
+
+    #[test]
+    fn only_refused_updates_replace_objects() {
+        let sc = cluster(3);
+        let objects = crate::objects::desired(&sc, false);
+        let class = objects
+            .iter()
+            .find(|d| d.resource.kind == "StorageClass")
+            .unwrap();
+        let mut current = class.object.clone();
+        assert!(!immutable_changed(class, &current));
+        current.data["parameters"]["replicas"] = json!("1");
+        assert!(immutable_changed(class, &current));
+        let driver = objects
+            .iter()
+            .find(|d| d.resource.kind == "CSIDriver")
+            .unwrap();
+        let mut current = driver.object.clone();
+        current.data["spec"]["requiresRepublish"] = json!(false);
+        assert!(
+            !immutable_changed(driver, &current),
+            "server defaults are not changes"
+        );
+        current.data["spec"]["attachRequired"] = json!(true);
+        assert!(immutable_changed(driver, &current));
+    }
+
+    #[test]
+    fn transition_times_hold_while_a_condition_holds() {
+        let sc = cluster(3);
+        let first = summarise(&sc, &counts(3, 3, 3, 1), &[]);
+        let mut old = first.conditions.clone();
+        let long_ago = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        for c in &mut old {
+            c.last_transition_time = long_ago.clone();
+        }
+        let again = summarise(&sc, &counts(3, 3, 3, 1), &old);
+        assert_eq!(condition(&again, "Ready").last_transition_time, long_ago);
+        let changed = summarise(&sc, &counts(3, 1, 3, 1), &old);
+        assert_ne!(condition(&changed, "Ready").last_transition_time, long_ago);
+    }
+}
