@@ -14,9 +14,10 @@
 #   *.log        process logs; pki/ certificates and keys; etcd/ data
 # Stop with stop-apiserver.sh DIR.
 #
-# Ports: three free ports near a random base in 20000-39999 (etcd client,
-# etcd peer, apiserver) so parallel instances and a system etcd on 2379 do not
-# collide. SHOAL_KUBE_PORT_BASE=N pins them to N, N+1, N+2. The
+# Ports: three consecutive free ports from a random base in 20000-32699 (etcd
+# client, etcd peer, apiserver): below Linux's ephemeral range (32768+) so
+# outgoing connections cannot take them, and away from a system etcd on 2379,
+# so parallel instances do not collide. SHOAL_KUBE_PORT_BASE=N pins them to N, N+1, N+2. The
 # controller-manager serves no port at all (--port=0 --secure-port=0).
 # SHOAL_KUBE_READY_TIMEOUT (s, default 120) bounds the wait.
 set -euo pipefail
@@ -64,7 +65,7 @@ if [[ -n ${SHOAL_KUBE_PORT_BASE:-} ]]; then
 else
     BASE=
     for _ in $(seq 1 50); do # bounded: 50 random tries
-        b=$((20000 + RANDOM % 20000))
+        b=$((20000 + RANDOM % 12700))
         if ! port_busy "$b" && ! port_busy $((b + 1)) && ! port_busy $((b + 2)); then
             BASE=$b
             break
@@ -193,7 +194,7 @@ spawn etcd etcd --name shoal-e2e --data-dir "$DIR/etcd" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster "shoal-e2e=http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-cluster-state new --log-level warn
+    --initial-cluster-state new --logger zap --log-level warn
 
 # apiserver would retry etcd itself, but failing here gives a clearer error.
 until curl -fsS -m 2 "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1; do
@@ -228,6 +229,7 @@ spawn kube-apiserver "$APISERVER" \
 
 # One client identity for every controller (admin cert) keeps RBAC setup
 # trivial. No leader election: a single instance, and it starts faster.
+# --flex-volume-plugin-dir: it would otherwise create /usr/libexec/kubernetes.
 spawn kube-controller-manager "$KCM" \
     --kubeconfig "$DIR/kubeconfig" \
     --bind-address 127.0.0.1 --port 0 --secure-port 0 \
@@ -236,6 +238,7 @@ spawn kube-controller-manager "$KCM" \
     --service-account-private-key-file "$PKI/sa.key" \
     --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --flex-volume-plugin-dir "$DIR/flexvolume" \
     --profiling=false \
     --v 1
 

@@ -220,11 +220,11 @@ fn operator_against_a_real_apiserver() {
         ("storage: {capacity: lots}", "spec.storage.capacity"),
         (
             "storageClasses: [{name: Bad_Name}]",
-            "spec.storageClasses[0].name",
+            "spec.storageClasses.name",
         ),
         (
             "storageClasses: [{name: x, reclaimPolicy: Recycle}]",
-            "spec.storageClasses[0].reclaimPolicy",
+            "spec.storageClasses.reclaimPolicy",
         ),
     ] {
         let yaml = format!(

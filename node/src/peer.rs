@@ -39,6 +39,8 @@ pub struct PeerConfig {
     /// How long a dead node stays in mutable blocks' quorums.
     pub eviction_delay: Duration,
     pub gossip: GossipConfig,
+    /// Where to serve `GET /status` over HTTP, if anywhere.
+    pub status_listen: Option<SocketAddr>,
 }
 
 /// The file in the data dir that records published mounts.
@@ -195,6 +197,9 @@ impl Peer {
         };
         peer.join(&config.join).await?;
         peer.mounts.restore();
+        if let Some(addr) = config.status_listen {
+            crate::status::serve(addr, peer.blocks.clone(), me).await?;
+        }
         info!(node = %me, %addr, zone = %config.zone, rack = %config.rack, "peer started");
         Ok(peer)
     }

@@ -266,7 +266,6 @@ pub struct Resources {
 #[serde(rename_all = "camelCase")]
 pub struct StorageClusterStatus {
     /// Pending, Progressing, Ready or Degraded.
-    #[serde(default)]
     pub phase: String,
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -275,10 +274,8 @@ pub struct StorageClusterStatus {
     #[serde(default)]
     pub desired_nodes: i32,
     /// readyNodes/desiredNodes, for the printer column.
-    #[serde(default)]
     pub ready: String,
-    /// Bytes the peers offer, and use, in Kubernetes quantity form.
-    #[serde(default)]
+    /// Bytes the peers offer, in Kubernetes quantity form.
     pub capacity: String,
     /// Bytes stored and blocks with fewer live replicas than the
     /// replication asks, as the peers report them (absent until they do).

@@ -5,10 +5,12 @@
 //!
 //! - [`crd`]: the resource's types; its schema is generated from them.
 //! - [`objects`]: what a StorageCluster becomes, as a pure function.
+//! - [`peers`]: what the storage peers report about themselves.
 //! - [`reconcile`]: the controller that applies it and reports status.
 
 pub mod crd;
 pub mod objects;
+pub mod peers;
 pub mod reconcile;
 
 use kube::CustomResourceExt;

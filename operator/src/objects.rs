@@ -324,9 +324,11 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
         "exec shoal node run --dir /data --ca /ca --listen \"$POD_IP:{PEER_PORT}\" \
          --join {peers}.{ns}.svc:{PEER_PORT} \
          --zone \"$(cat /topology/zone)\" --rack \"$(cat /topology/rack)\" \
-         --capacity \"$CAPACITY\" --replicas \"$REPLICATION\" --failure-domain \"$FAILURE_DOMAIN\"",
+         --capacity \"$CAPACITY\" --replicas \"$REPLICATION\" --failure-domain \"$FAILURE_DOMAIN\" \
+         --status-listen \"$POD_IP:{status}\"",
         peers = n.peers,
         ns = n.namespace,
+        status = crate::peers::STATUS_PORT,
     );
     let node_labels = json!({CLUSTER_LABEL: cluster_label(sc), "app.kubernetes.io/name": "shoal", "app.kubernetes.io/component": "node"});
     let resources = |r: &Option<k8s_openapi::api::core::v1::ResourceRequirements>| {
@@ -375,7 +377,10 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
                             "envFrom": [{"configMapRef": {"name": n.config}}],
                             "securityContext": {"privileged": true},
                             "resources": resources(&spec.resources.peer),
-                            "ports": [{"name": "quic", "containerPort": PEER_PORT, "protocol": "UDP"}],
+                            "ports": [
+                                {"name": "quic", "containerPort": PEER_PORT, "protocol": "UDP"},
+                                {"name": "status", "containerPort": crate::peers::STATUS_PORT},
+                            ],
                             "readinessProbe": {
                                 "exec": {"command": ["shoal", "status", "--dir", "/data"]},
                                 "periodSeconds": 10,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::crd::{StorageCluster, StorageClusterStatus};
 use crate::objects::{self, CLUSTER_LABEL, Desired, Names};
+use crate::peers;
 
 /// The field manager of everything the operator applies.
 pub const MANAGER: &str = "shoal-operator";
@@ -370,8 +371,42 @@ async fn status(
             .unwrap_or(0),
         controllers: deploy.and_then(|s| s.available_replicas).unwrap_or(0),
     };
+    let reported = ask_peers(sc, client, names).await?;
     let previous = sc.status.clone().unwrap_or_default();
-    Ok(summarise(sc, &observed, &previous.conditions))
+    Ok(summarise(sc, &observed, reported, &previous.conditions))
+}
+
+/// Asks every ready peer of the cluster for its status.
+async fn ask_peers(
+    sc: &StorageCluster,
+    client: &Client,
+    names: &Names,
+) -> Result<Option<peers::Reported>, Error> {
+    let selector = format!(
+        "{CLUSTER_LABEL}={},app.kubernetes.io/component=node",
+        objects::cluster_label(sc)
+    );
+    let pods = Api::<Pod>::namespaced(client.clone(), &names.namespace)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let ips: Vec<String> = pods
+        .items
+        .iter()
+        .filter_map(|p| p.status.as_ref())
+        .filter(|s| {
+            s.conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+        .filter_map(|s| s.pod_ip.clone())
+        .collect();
+    let answers = futures::future::join_all(ips.iter().map(|ip| peers::fetch(ip))).await;
+    let answers: Vec<peers::PeerStatus> = answers
+        .into_iter()
+        .filter_map(|a| a.map_err(|e| warn!("peer status: {e}")).ok())
+        .collect();
+    Ok(peers::summarise(&answers, ips.len()))
 }
 
 /// What the operator counts of the workloads it made.
@@ -383,13 +418,16 @@ pub struct PeerCounts {
     pub controllers: i32,
 }
 
-/// Phase and conditions from the counts (a pure function; conditions keep
-/// their transition time while their status holds).
+/// Phase and conditions from the counts and what the peers report (a
+/// pure function; conditions keep their transition time while their
+/// status holds).
 pub fn summarise(
     sc: &StorageCluster,
     c: &PeerCounts,
+    reported: Option<peers::Reported>,
     previous: &[Condition],
 ) -> StorageClusterStatus {
+    let under_replicated = reported.and_then(|r| r.under_replicated).unwrap_or(0);
     let replication = i32::from(sc.spec.replication);
     let rolling = c.updated < c.desired;
     let ready = c.desired > 0 && c.ready == c.desired && !rolling && c.controllers > 0;
@@ -408,6 +446,12 @@ pub fn summarise(
                 "{} of {} peers ready; replication is {replication}",
                 c.ready, c.desired
             ),
+        )
+    } else if under_replicated > 0 {
+        (
+            true,
+            "UnderReplicated",
+            format!("{under_replicated} blocks have fewer live replicas than {replication}"),
         )
     } else {
         (
@@ -470,16 +514,21 @@ pub fn summarise(
     } else {
         "Progressing"
     };
+    // What the peers report, else what the ready ones were told to offer.
     let per_node = objects::parse_quantity(&sc.spec.storage.capacity).unwrap_or(0);
+    let capacity = reported.map_or(per_node.saturating_mul(c.ready.max(0) as u64), |r| {
+        r.capacity
+    });
     StorageClusterStatus {
         phase: phase.into(),
         conditions,
         ready_nodes: c.ready,
         desired_nodes: c.desired,
         ready: format!("{}/{}", c.ready, c.desired),
-        capacity: objects::quantity(per_node.saturating_mul(c.ready.max(0) as u64)),
+        capacity: objects::quantity(capacity),
+        used: reported.map(|r| objects::quantity(r.used)),
+        under_replicated_blocks: reported.and_then(|r| r.under_replicated).map(|n| n as i64),
         observed_generation: generation,
-        ..Default::default()
     }
 }
 
@@ -531,23 +580,38 @@ mod tests {
     #[test]
     fn phases_follow_the_peers() {
         let sc = cluster(3);
-        let s = summarise(&sc, &counts(0, 0, 0, 0), &[]);
+        let s = summarise(&sc, &counts(0, 0, 0, 0), None, &[]);
         assert_eq!(s.phase, "Pending");
-        let s = summarise(&sc, &counts(4, 2, 4, 1), &[]);
+        let s = summarise(&sc, &counts(4, 2, 4, 1), None, &[]);
         assert_eq!(s.phase, "Degraded");
         assert_eq!(condition(&s, "Degraded").reason, "BelowReplication");
-        let s = summarise(&sc, &counts(4, 3, 2, 1), &[]);
+        let s = summarise(&sc, &counts(4, 3, 2, 1), None, &[]);
         assert_eq!(s.phase, "Progressing");
         assert_eq!(condition(&s, "Progressing").reason, "RollingOut");
-        let s = summarise(&sc, &counts(2, 2, 2, 1), &[]);
+        let s = summarise(&sc, &counts(2, 2, 2, 1), None, &[]);
         assert_eq!(condition(&s, "Degraded").reason, "TooFewNodes");
-        let s = summarise(&sc, &counts(4, 4, 4, 2), &[]);
+        let s = summarise(&sc, &counts(4, 4, 4, 2), None, &[]);
         assert_eq!(s.phase, "Ready");
         assert_eq!(s.ready, "4/4");
         assert_eq!(s.capacity, "400Gi");
         assert_eq!(s.observed_generation, 4);
         assert_eq!(condition(&s, "Ready").status, "True");
         assert_eq!(condition(&s, "Degraded").status, "False");
+        assert_eq!(s.used, None, "unknown until the peers report");
+        // What the peers report wins over the spec.
+        let reported = peers::Reported {
+            capacity: 3 << 30,
+            used: 1 << 30,
+            under_replicated: Some(7),
+        };
+        let s = summarise(&sc, &counts(4, 4, 4, 2), Some(reported), &[]);
+        assert_eq!(
+            (s.capacity.as_str(), s.used.as_deref()),
+            ("3Gi", Some("1Gi"))
+        );
+        assert_eq!(s.under_replicated_blocks, Some(7));
+        assert_eq!(s.phase, "Degraded");
+        assert_eq!(condition(&s, "Degraded").reason, "UnderReplicated");
     }
 
     #[test]
@@ -579,15 +643,15 @@ mod tests {
     #[test]
     fn transition_times_hold_while_a_condition_holds() {
         let sc = cluster(3);
-        let first = summarise(&sc, &counts(3, 3, 3, 1), &[]);
+        let first = summarise(&sc, &counts(3, 3, 3, 1), None, &[]);
         let mut old = first.conditions.clone();
         let long_ago = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         for c in &mut old {
             c.last_transition_time = long_ago.clone();
         }
-        let again = summarise(&sc, &counts(3, 3, 3, 1), &old);
+        let again = summarise(&sc, &counts(3, 3, 3, 1), None, &old);
         assert_eq!(condition(&again, "Ready").last_transition_time, long_ago);
-        let changed = summarise(&sc, &counts(3, 1, 3, 1), &old);
+        let changed = summarise(&sc, &counts(3, 1, 3, 1), None, &old);
         assert_ne!(condition(&changed, "Ready").last_transition_time, long_ago);
     }
 }

@@ -33,10 +33,9 @@ fn check_generated(path: &str, expected: &str) {
     if updating() {
         std::fs::write(root().join(path), expected).unwrap();
     }
-    assert_eq!(
-        read(path),
-        expected,
-        "{path} is stale: SHOAL_UPDATE_MANIFESTS=1 cargo test -p shoal-operator --test manifests"
+    assert!(
+        read(path) == expected,
+        "{path} is stale: run `make manifests` (SHOAL_UPDATE_MANIFESTS=1 cargo test -p shoal-operator --test manifests)"
     );
 }
 

@@ -93,7 +93,7 @@ enum ClusterCommand {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Run one storage peer in the foreground.
-    Run(NodeRun),
+    Run(Box<NodeRun>),
     /// Stop placing new blocks on a peer; it keeps serving what it holds.
     Drain(PeerArgs),
     /// Return a drained peer to service.
@@ -149,6 +149,9 @@ struct NodeRun {
     /// replaced, e.g. 10m.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     eviction_delay: std::time::Duration,
+    /// Serve this peer's status as JSON (`GET /status`) on this address.
+    #[arg(long)]
+    status_listen: Option<SocketAddr>,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -337,7 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(ClusterCommand::Up(up)) => cluster::up(up).await,
         Command::Node(NodeCommand::Run(args)) => {
             init_logging();
-            run_node(args).await
+            run_node(*args).await
         }
         Command::Node(NodeCommand::Drain(peer)) => set_draining(&peer.dir, true).await,
         Command::Node(NodeCommand::Undrain(peer)) => set_draining(&peer.dir, false).await,
@@ -504,6 +507,7 @@ async fn run_node(args: NodeRun) -> anyhow::Result<()> {
         write_quorum: args.policy.write_quorum,
         eviction_delay: args.eviction_delay,
         gossip: GossipConfig::default(),
+        status_listen: args.status_listen,
     };
     let peer = Peer::start(config).await?;
     peer.run(shutdown_signal()).await
