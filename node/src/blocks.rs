@@ -14,13 +14,14 @@ use shoal_core::mutable::{PublicKey, Signature, WriterKey, verify_delete_owned};
 use shoal_core::placement::{Placement, Policy};
 use shoal_core::{Address, NodeId, NodeInfo, NodeState, View, block};
 use shoal_proto::peer::{
-    BlockResult, DeleteOwned, DeleteOwnedReply, ErrorCode, GetBlocks, GetBlocksReply, PeerRequest,
-    PeerResponse, PutBlocks, PutBlocksReply, block_result, peer_request, peer_response,
+    BlockResult, DeleteOwned, DeleteOwnedReply, ErrorCode, GetBlocks, GetBlocksReply, HasBlocks,
+    HasBlocksReply, PeerRequest, PeerResponse, PutBlocks, PutBlocksReply, block_result,
+    peer_request, peer_response,
 };
 use tokio::sync::mpsc;
 
 use crate::gossip::Gossip;
-use crate::store::{BlockStore, StoreError};
+use crate::store::{BlockStore, Claim, StoreError};
 use crate::transport::Transport;
 
 /// Why a block operation failed, as the caller should read it.
@@ -120,6 +121,11 @@ impl Blocks {
             trees: Mutex::new(None),
             failed: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This peer's node id.
+    pub fn me(&self) -> NodeId {
+        self.me
     }
 
     pub fn config(&self) -> BlockConfig {
@@ -248,6 +254,8 @@ impl Blocks {
         replicas: Option<usize>,
     ) -> Vec<Result<Address, BlockError>> {
         let needed = replicas.map_or(self.config.write_quorum, |r| r / 2 + 1);
+        // Recorded with the owner's claim, so that repair keeps as many.
+        let kept = replicas.map_or(0, |r| r as u32);
         let mut results: Vec<Option<Result<Address, BlockError>>> = vec![None; blocks.len()];
         let mut tallies: Vec<(Address, usize, usize, Vec<String>)> = Vec::new();
         let mut per_node: HashMap<NodeId, (NodeInfo, Vec<usize>)> = HashMap::new();
@@ -295,7 +303,7 @@ impl Blocks {
             // Spawned, so replicas beyond the quorum complete in the
             // background after the caller has its answer.
             tokio::spawn(async move {
-                let outcome = this.put_on(&node, &blocks, &indices, owner).await;
+                let outcome = this.put_on(&node, &blocks, &indices, owner, kept).await;
                 for (i, result) in indices.into_iter().zip(outcome) {
                     let _ = tx.send((i, node.id, result));
                 }
@@ -336,24 +344,31 @@ impl Blocks {
             .collect()
     }
 
-    /// Stores the blocks at `indices` on one node; one result per index.
-    async fn put_on(
+    /// Stores the blocks at `indices` on one node, claimed by `owner` (who
+    /// keeps `replicas` of them; 0: the cluster's number); one result per
+    /// index.
+    pub(crate) async fn put_on(
         &self,
         node: &NodeInfo,
         blocks: &[Bytes],
         indices: &[usize],
         owner: Option<PublicKey>,
+        replicas: u32,
     ) -> Vec<Result<(), String>> {
         if node.id == self.me {
             let store = self.store.clone();
             let chosen: Vec<Bytes> = indices.iter().map(|&i| blocks[i].clone()).collect();
-            let now = now_ms();
+            let claim = owner.map(|o| Claim {
+                owner: o.0,
+                at_ms: now_ms(),
+                replicas,
+            });
             return tokio::task::spawn_blocking(move || {
                 chosen
                     .iter()
                     .map(|b| {
                         store
-                            .put_owned(b, owner.as_ref().map(|o| (&o.0, now)))
+                            .put_owned(b, claim)
                             .map(|_| ())
                             .map_err(|e| e.to_string())
                     })
@@ -366,6 +381,7 @@ impl Blocks {
             kind: Some(peer_request::Kind::PutBlocks(PutBlocks {
                 blocks: indices.iter().map(|&i| blocks[i].to_vec()).collect(),
                 owner: owner.map(|o| o.0.to_vec()).unwrap_or_default(),
+                replicas,
             })),
         };
         let reply = self.transport.request(node.addr, &request).await;
@@ -535,18 +551,53 @@ impl Blocks {
                 results: vec![e; request.blocks.len()],
             };
         }
-        let now = now_ms();
+        let claim = owner.map(|owner| Claim {
+            owner,
+            at_ms: now_ms(),
+            replicas: request.replicas,
+        });
         let results = request
             .blocks
             .iter()
-            .map(
-                |data| match self.store.put_owned(data, owner.as_ref().map(|o| (o, now))) {
-                    Ok(_) => BlockResult { result: None },
-                    Err(e) => error_result(store_error_code(&e), e.to_string()),
-                },
-            )
+            .map(|data| match self.store.put_owned(data, claim) {
+                Ok(_) => BlockResult { result: None },
+                Err(e) => error_result(store_error_code(&e), e.to_string()),
+            })
             .collect();
         PutBlocksReply { results }
+    }
+
+    /// Serves a question from another peer: which of these blocks are here.
+    pub(crate) fn serve_has(&self, request: HasBlocks) -> Result<HasBlocksReply, String> {
+        let present = request
+            .addresses
+            .iter()
+            .map(|a| {
+                let address = Address::from_slice(a).map_err(|e| e.to_string())?;
+                self.store.contains(&address).map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(HasBlocksReply { present })
+    }
+
+    /// Which of `addresses` `node` holds.
+    pub(crate) async fn has_on(
+        &self,
+        node: &NodeInfo,
+        addresses: &[Address],
+    ) -> Result<Vec<bool>, String> {
+        let request = PeerRequest {
+            kind: Some(peer_request::Kind::HasBlocks(HasBlocks {
+                addresses: addresses.iter().map(|a| a.0.to_vec()).collect(),
+            })),
+        };
+        match self.transport.request(node.addr, &request).await {
+            Ok(PeerResponse {
+                kind: Some(peer_response::Kind::HasBlocks(reply)),
+            }) if reply.present.len() == addresses.len() => Ok(reply.present),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Asks every live peer to drop `owner`'s claims on its blocks (signed

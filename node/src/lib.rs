@@ -12,6 +12,7 @@ pub mod fs;
 pub mod gossip;
 pub mod identity;
 pub mod peer;
+pub mod repair;
 pub mod status;
 pub mod store;
 pub mod transport;

@@ -41,6 +41,9 @@ pub struct PeerConfig {
     pub gossip: GossipConfig,
     /// Where to serve `GET /status` over HTTP, if anywhere.
     pub status_listen: Option<SocketAddr>,
+    /// How often this peer checks that its blocks are on their replicas
+    /// (zero: never).
+    pub repair_interval: Duration,
 }
 
 /// The file in the data dir that records published mounts.
@@ -197,6 +200,12 @@ impl Peer {
         };
         peer.join(&config.join).await?;
         peer.mounts.restore();
+        if !config.repair_interval.is_zero() {
+            tokio::spawn(crate::repair::run(
+                peer.blocks.clone(),
+                config.repair_interval,
+            ));
+        }
         if let Some(addr) = config.status_listen {
             crate::status::serve(addr, peer.blocks.clone(), me).await?;
         }
@@ -295,6 +304,9 @@ impl Handler for PeerService {
             Some(peer_request::Kind::DeleteOwned(delete)) => blocks
                 .serve_delete_owned(delete)
                 .map(peer_response::Kind::DeleteOwned),
+            Some(peer_request::Kind::HasBlocks(has)) => {
+                blocks.serve_has(has).map(peer_response::Kind::HasBlocks)
+            }
             None => Err("empty request".to_string()),
         })
         .await;

@@ -20,8 +20,19 @@ const CF_PAXOS: &str = "paxos";
 const KEY_USED: &[u8] = b"used_bytes";
 /// `owned/OWNER/ADDRESS` → when the claim was made (ms): an owner's blocks.
 const OWNED: &[u8] = b"owned/";
-/// `claim/ADDRESS/OWNER`: a block's owners.
+/// `claim/ADDRESS/OWNER` → the replicas the owner keeps (u32; 0 or absent:
+/// the cluster's number): a block's owners.
 const CLAIM: &[u8] = b"claim/";
+
+/// An owner's claim on a block (see [`BlockStore::put_owned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub owner: [u8; 32],
+    /// When the claim was made (ms): a delete issued earlier spares it.
+    pub at_ms: u64,
+    /// Replicas the owner keeps of the block (0: the cluster's number).
+    pub replicas: u32,
+}
 
 fn owned_key(owner: &[u8; 32], address: &Address) -> Vec<u8> {
     [OWNED, owner.as_slice(), address.as_bytes().as_slice()].concat()
@@ -149,13 +160,9 @@ impl BlockStore {
         self.put_owned(data, None)
     }
 
-    /// [`Self::put`], recording `owner`'s claim on the block (at `now_ms`):
-    /// the block then goes only when every owner has dropped its claim.
-    pub fn put_owned(
-        &self,
-        data: &[u8],
-        owner: Option<(&[u8; 32], u64)>,
-    ) -> Result<Address, StoreError> {
+    /// [`Self::put`], recording an owner's claim on the block: the block
+    /// then goes only when every owner has dropped its claim.
+    pub fn put_owned(&self, data: &[u8], claim: Option<Claim>) -> Result<Address, StoreError> {
         let address = block::check_new(data)?;
         let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
             .lock()
@@ -164,16 +171,20 @@ impl BlockStore {
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        let claim = |batch: &mut WriteBatch| {
-            if let Some((owner, at)) = owner {
-                batch.put_cf(meta, owned_key(owner, &address), at.to_le_bytes());
-                batch.put_cf(meta, claim_key(&address, owner), []);
+        let record = |batch: &mut WriteBatch| {
+            if let Some(c) = claim {
+                batch.put_cf(meta, owned_key(&c.owner, &address), c.at_ms.to_le_bytes());
+                batch.put_cf(
+                    meta,
+                    claim_key(&address, &c.owner),
+                    c.replicas.to_le_bytes(),
+                );
             }
         };
         if self.db.get_pinned_cf(blocks, address.as_bytes())?.is_some() {
-            if owner.is_some() {
+            if claim.is_some() {
                 let mut batch = WriteBatch::default();
-                claim(&mut batch);
+                record(&mut batch);
                 self.db.write_opt(batch, &sync)?;
             }
             return Ok(address);
@@ -191,7 +202,7 @@ impl BlockStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(blocks, address.as_bytes(), data);
         batch.merge_cf(meta, KEY_USED, (needed as i64).to_le_bytes());
-        claim(&mut batch);
+        record(&mut batch);
         if let Err(e) = self.db.write_opt(batch, &sync) {
             self.used.fetch_sub(needed, Ordering::AcqRel);
             return Err(e.into());
@@ -261,6 +272,27 @@ impl BlockStore {
         };
         block::verify(address, &data).map_err(|_| StoreError::Corrupt(*address))?;
         Ok(Some(data))
+    }
+
+    /// The owners that claim a block, with the replicas each keeps.
+    pub fn claims(&self, address: &Address) -> Result<Vec<([u8; 32], u32)>, StoreError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let prefix = [CLAIM, address.as_bytes().as_slice()].concat();
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(meta, &prefix) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let Ok(owner) = <[u8; 32]>::try_from(&key[prefix.len()..]) else {
+                continue;
+            };
+            let replicas = value
+                .get(..4)
+                .map_or(0, |v| u32::from_le_bytes(v.try_into().expect("4 bytes")));
+            out.push((owner, replicas));
+        }
+        Ok(out)
     }
 
     pub fn contains(&self, address: &Address) -> Result<bool, StoreError> {
@@ -380,10 +412,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
         let (x, y) = ([1u8; 32], [2u8; 32]);
-        let mine = store.put_owned(b"only x", Some((&x, 10))).unwrap();
-        let shared = store.put_owned(b"x and y", Some((&x, 10))).unwrap();
-        store.put_owned(b"x and y", Some((&y, 10))).unwrap();
-        let late = store.put_owned(b"x, later", Some((&x, 50))).unwrap();
+        let claim = |owner: [u8; 32], at_ms, replicas| {
+            Some(Claim {
+                owner,
+                at_ms,
+                replicas,
+            })
+        };
+        let mine = store.put_owned(b"only x", claim(x, 10, 0)).unwrap();
+        let shared = store.put_owned(b"x and y", claim(x, 10, 2)).unwrap();
+        store.put_owned(b"x and y", claim(y, 10, 5)).unwrap();
+        let late = store.put_owned(b"x, later", claim(x, 50, 0)).unwrap();
+        let mut claims = store.claims(&shared).unwrap();
+        claims.sort();
+        assert_eq!(claims, [(x, 2), (y, 5)]);
+        assert!(store.claims(&Address::of(b"none")).unwrap().is_empty());
         let nobody = store.put(b"unowned").unwrap();
         let used = store.used();
         // A request issued before a claim does not touch it.

@@ -152,6 +152,10 @@ struct NodeRun {
     /// Serve this peer's status as JSON (`GET /status`) on this address.
     #[arg(long)]
     status_listen: Option<SocketAddr>,
+    /// How often to check that this peer's blocks are on all their
+    /// replicas and copy them where they are missing (0s: never).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    repair_interval: std::time::Duration,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -508,6 +512,7 @@ async fn run_node(args: NodeRun) -> anyhow::Result<()> {
         eviction_delay: args.eviction_delay,
         gossip: GossipConfig::default(),
         status_listen: args.status_listen,
+        repair_interval: args.repair_interval,
     };
     let peer = Peer::start(config).await?;
     peer.run(shutdown_signal()).await

@@ -1,0 +1,119 @@
+//! Re-replication with real peer processes: when a peer dies for good, the
+//! blocks it held get their third copy back on the peers that remain, with
+//! nobody asking; blocks a volume keeps fewer copies of stay at that count.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use shoal_e2e::{TestCluster, shoal, spread};
+use shoal_proto::admin::PutBlockRequest;
+
+/// How many of the peers `live` hold each block any of them holds.
+async fn all_copies(cluster: &TestCluster, live: &[usize]) -> HashMap<String, usize> {
+    let mut count = HashMap::new();
+    for &i in live {
+        for held in cluster.local_blocks(i).await.unwrap() {
+            *count.entry(held).or_insert(0) += 1;
+        }
+    }
+    count
+}
+
+/// How many of the peers `live` hold each of `addresses`.
+async fn copies(
+    cluster: &TestCluster,
+    live: &[usize],
+    addresses: &[String],
+) -> HashMap<String, usize> {
+    let mut count: HashMap<String, usize> = addresses.iter().map(|a| (a.clone(), 0)).collect();
+    for &i in live {
+        for held in cluster.local_blocks(i).await.unwrap() {
+            if let Some(c) = count.get_mut(&held) {
+                *c += 1;
+            }
+        }
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_of_a_dead_peer_get_their_replicas_back() {
+    let mut cluster = TestCluster::start_with(&spread(4, 4), 3, &["--repair-interval", "1s"])
+        .await
+        .unwrap();
+    let mut admin = cluster.peers[0].admin().await.unwrap();
+    let mut addresses = Vec::new();
+    for i in 0..40u32 {
+        let data = format!("block {i} ").repeat(100).into_bytes();
+        let reply = admin.put_block(PutBlockRequest { data }).await.unwrap();
+        addresses.push(reply.into_inner().address);
+    }
+    // A volume that keeps two copies of its chunks.
+    let dir = cluster.peers[0].dir.to_str().unwrap().to_string();
+    let out = shoal(&["volume", "create", "pair", "--replicas", "2", "--dir", &dir]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mount = cluster.mount(0, "pair", "mnt").unwrap();
+    std::fs::write(mount.dir.join("data"), vec![7u8; 5 << 20]).unwrap();
+    mount.unmount().unwrap();
+    let all = [0, 1, 2, 3];
+    let before = copies(&cluster, &all, &addresses).await;
+    assert!(before.values().all(|&c| c == 3), "{before:?}");
+    let chunks: Vec<String> = all_copies(&cluster, &all)
+        .await
+        .into_iter()
+        .filter(|(a, _)| !before.contains_key(a))
+        .map(|(a, c)| {
+            assert_eq!(c, 2, "chunk {a} of the two-copy volume");
+            a
+        })
+        .collect();
+    assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+
+    // Peer 3 goes for good: SIGKILL, and the others see it dead.
+    let lost: Vec<String> = cluster.local_blocks(3).await.unwrap();
+    assert!(!lost.is_empty(), "peer 3 held none of the 40 blocks");
+    cluster.kill(3);
+    cluster
+        .wait_for_alive(3, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let live = [0, 1, 2];
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(90);
+    loop {
+        let now = copies(&cluster, &live, &addresses).await;
+        if now.values().all(|&c| c == 3) {
+            break;
+        }
+        let short: Vec<_> = now.iter().filter(|(_, c)| **c < 3).collect();
+        assert!(
+            Instant::now() < deadline,
+            "still under-replicated: {short:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The two-copy volume's chunks are back to two, not three.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = copies(&cluster, &live, &chunks).await;
+        if now.values().all(|&c| c == 2) {
+            break;
+        }
+        assert!(now.values().all(|&c| c <= 2), "over-replicated: {now:?}");
+        assert!(
+            Instant::now() < deadline,
+            "chunks short of two copies: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "{} blocks of the dead peer back to 3 copies {:.1} s after it was seen dead",
+        lost.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
