@@ -99,6 +99,60 @@ impl ApiServer {
             .then(|| serde_json::from_slice(&out.stdout).unwrap())
     }
 
+    /// A kubeconfig that acts as ServiceAccount `name` in `ns` (with the
+    /// token the controller-manager issues it).
+    fn service_account_kubeconfig(&self, ns: &str, name: &str) -> PathBuf {
+        let account = self
+            .wait_for(
+                ("serviceaccount", name, Some(ns)),
+                Duration::from_secs(60),
+                "a token",
+                |o| o.is_some_and(|o| o["secrets"][0]["name"].is_string()),
+            )
+            .unwrap();
+        let secret = account["secrets"][0]["name"].as_str().unwrap();
+        let token = self.ok(&[
+            "get",
+            "secret",
+            secret,
+            "-n",
+            ns,
+            "-o",
+            "go-template={{.data.token | base64decode}}",
+        ]);
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::copy(self.kubeconfig(), &path).unwrap();
+        let config = path.to_str().unwrap();
+        for args in [
+            vec![
+                "config",
+                "--kubeconfig",
+                config,
+                "set-credentials",
+                name,
+                "--token",
+                token.trim(),
+            ],
+            vec![
+                "config",
+                "--kubeconfig",
+                config,
+                "set-context",
+                "--current",
+                "--user",
+                name,
+            ],
+        ] {
+            let out = Command::new("kubectl").args(&args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        path
+    }
+
     /// Waits (at most `limit`) until `check` holds of the object.
     fn wait_for(
         &self,
@@ -244,8 +298,16 @@ fn operator_against_a_real_apiserver() {
         repo().join("e2e/kube/snapshot-crds.yaml").to_str().unwrap(),
     ]);
 
+    // The install bundle, for real: the operator then runs as its own
+    // ServiceAccount, with only the rights the bundle grants it.
+    api.ok(&[
+        "apply",
+        "-f",
+        repo().join("manifests/install.yaml").to_str().unwrap(),
+    ]);
+    let kubeconfig = api.service_account_kubeconfig(NS, "shoal-operator");
     let log = api.dir.path().join("operator.log");
-    let _operator = Operator::start(&api.kubeconfig(), &log);
+    let _operator = Operator::start(&kubeconfig, &log);
     assert!(api.apply(CLUSTER).status.success());
 
     // Every object, with the right spec.
