@@ -1,6 +1,7 @@
 //! Re-replication with real peer processes: when a peer dies for good, the
 //! blocks it held get their third copy back on the peers that remain, with
 //! nobody asking; blocks a volume keeps fewer copies of stay at that count.
+//! And a peer with `--local-copy` keeps what it writes beyond the replicas.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -116,4 +117,62 @@ async fn blocks_of_a_dead_peer_get_their_replicas_back() {
         lost.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_local_copy_keeps_what_it_writes() {
+    let cluster = TestCluster::start_with(&spread(5, 5), 2, &["--local-copy"])
+        .await
+        .unwrap();
+    let mut admin = cluster.peers[0].admin().await.unwrap();
+    let mut addresses = Vec::new();
+    for i in 0..30u32 {
+        let data = format!("written through peer 0: {i} ")
+            .repeat(50)
+            .into_bytes();
+        let reply = admin.put_block(PutBlockRequest { data }).await.unwrap();
+        addresses.push(reply.into_inner().address);
+    }
+    // The local copy is written beside the acknowledged replicas: wait
+    // (bounded) for the last ones to land.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = cluster.local_blocks(0).await.unwrap();
+        if addresses.iter().all(|a| held.contains(a)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "peer 0 lacks some of what it wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Each block is also on its two replicas elsewhere: three copies for
+    // the blocks peer 0 is not a replica of, two for the others.
+    let all = [0, 1, 2, 3, 4];
+    let count = copies(&cluster, &all, &addresses).await;
+    let extra = count.values().filter(|&&c| c == 3).count();
+    assert!(count.values().all(|&c| c == 2 || c == 3), "{count:?}");
+    assert!(
+        extra > 10,
+        "only {extra} of 30 blocks got a local copy beyond their replicas"
+    );
+    // Reads through peer 0 are served from its own store, so they work
+    // with every other peer that holds them unreachable.
+    let others: Vec<String> = cluster.peers[1..].iter().map(|p| p.addr.clone()).collect();
+    admin
+        .isolate(shoal_proto::admin::IsolateRequest {
+            unreachable: others,
+        })
+        .await
+        .unwrap();
+    for address in &addresses {
+        let reply = admin
+            .get_block(shoal_proto::admin::GetBlockRequest {
+                address: address.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(!reply.into_inner().data.is_empty());
+    }
 }

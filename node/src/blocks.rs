@@ -19,6 +19,7 @@ use shoal_proto::peer::{
     peer_request, peer_response,
 };
 use tokio::sync::mpsc;
+use tracing::debug;
 
 use crate::gossip::Gossip;
 use crate::store::{BlockStore, Claim, StoreError};
@@ -67,6 +68,9 @@ pub struct BlockConfig {
     /// How long one replica may take to answer a get before the next is
     /// asked.
     pub read_attempt_timeout: Duration,
+    /// Keep a copy of every block this peer writes, beyond its R replicas
+    /// (not counted for acknowledgement), and read from it first.
+    pub local_copy: bool,
 }
 
 /// How long a signed delete request is good for (it may travel, and
@@ -203,6 +207,9 @@ impl Blocks {
         let (view, writes, reads) = self.trees();
         let r = self.config.policy.replicas;
         let mut ids = writes.place(address, r);
+        if self.config.local_copy && !ids.contains(&self.me) {
+            ids.insert(0, self.me);
+        }
         for id in reads.place(address, r + EXTRA_READ_CANDIDATES) {
             if !ids.contains(&id) {
                 ids.push(id);
@@ -259,6 +266,8 @@ impl Blocks {
         let mut results: Vec<Option<Result<Address, BlockError>>> = vec![None; blocks.len()];
         let mut tallies: Vec<(Address, usize, usize, Vec<String>)> = Vec::new();
         let mut per_node: HashMap<NodeId, (NodeInfo, Vec<usize>)> = HashMap::new();
+        // Blocks this peer keeps a local copy of on top of their replicas.
+        let mut local_extra = Vec::new();
         for (i, data) in blocks.iter().enumerate() {
             let address = match block::check_new(data) {
                 Ok(a) => a,
@@ -286,6 +295,9 @@ impl Blocks {
             }
             tallies.push((address, 0, replicas.len(), Vec::new()));
             if results[i].is_none() {
+                if self.config.local_copy && !replicas.iter().any(|n| n.id == self.me) {
+                    local_extra.push(i);
+                }
                 for node in replicas {
                     per_node
                         .entry(node.id)
@@ -297,6 +309,18 @@ impl Blocks {
         }
 
         let blocks = Arc::new(blocks);
+        if let Some(me) = self.view().get(&self.me).cloned()
+            && !local_extra.is_empty()
+        {
+            let (this, blocks) = (self.clone(), blocks.clone());
+            tokio::spawn(async move {
+                for result in this.put_on(&me, &blocks, &local_extra, owner, kept).await {
+                    if let Err(e) = result {
+                        debug!("local copy: {e}");
+                    }
+                }
+            });
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<(usize, NodeId, Result<(), String>)>();
         for (_, (node, indices)) in per_node {
             let (this, blocks, tx) = (self.clone(), blocks.clone(), tx.clone());

@@ -44,6 +44,8 @@ pub struct PeerConfig {
     /// How often this peer checks that its blocks are on their replicas
     /// (zero: never).
     pub repair_interval: Duration,
+    /// Keep a copy of what this peer writes, beyond the R replicas.
+    pub local_copy: bool,
 }
 
 /// The file in the data dir that records published mounts.
@@ -142,6 +144,7 @@ impl Peer {
                 policy,
                 write_quorum,
                 read_attempt_timeout: Duration::from_secs(2),
+                local_copy: config.local_copy,
             },
             store,
             transport.clone(),

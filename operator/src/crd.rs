@@ -72,7 +72,9 @@ pub struct Placement {
     #[serde(default = "default_rack_label")]
     #[schemars(length(min = 1, max = 316))]
     pub rack_label: String,
-    /// Keep one replica of a volume's new blocks on the writer's node.
+    /// Each peer also keeps a copy of the blocks it writes (the data of the
+    /// volumes mounted on its node), beyond the replicas, and reads it
+    /// locally.
     #[serde(default)]
     pub local_copy: bool,
 }

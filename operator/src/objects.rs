@@ -325,7 +325,8 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
          --join {peers}.{ns}.svc:{PEER_PORT} \
          --zone \"$(cat /topology/zone)\" --rack \"$(cat /topology/rack)\" \
          --capacity \"$CAPACITY\" --replicas \"$REPLICATION\" --failure-domain \"$FAILURE_DOMAIN\" \
-         --status-listen \"$POD_IP:{status}\"",
+         --status-listen \"$POD_IP:{status}\" \
+         $([ \"$LOCAL_COPY\" = true ] && echo --local-copy)",
         peers = n.peers,
         ns = n.namespace,
         status = crate::peers::STATUS_PORT,

@@ -156,6 +156,10 @@ struct NodeRun {
     /// replicas and copy them where they are missing (0s: never).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     repair_interval: std::time::Duration,
+    /// Keep a copy of every block this peer writes (file data of the
+    /// volumes it mounts) beyond the R replicas, and read it locally.
+    #[arg(long)]
+    local_copy: bool,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -513,6 +517,7 @@ async fn run_node(args: NodeRun) -> anyhow::Result<()> {
         gossip: GossipConfig::default(),
         status_listen: args.status_listen,
         repair_interval: args.repair_interval,
+        local_copy: args.local_copy,
     };
     let peer = Peer::start(config).await?;
     peer.run(shutdown_signal()).await
