@@ -176,3 +176,92 @@ async fn a_writer_with_local_copy_keeps_what_it_writes() {
         assert!(!reply.into_inner().data.is_empty());
     }
 }
+
+/// The address peer `i` serves its status on (from its log).
+fn status_addr(cluster: &TestCluster, i: usize) -> String {
+    let log = cluster.peers[i].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("serving status"))
+        .unwrap_or_else(|| panic!("peer {i} serves no status: {log}"));
+    let addr = line.split("addr=").nth(1).unwrap();
+    addr.split_whitespace().next().unwrap().to_string()
+}
+
+/// `GET /status` over a plain TCP connection.
+async fn get_status(addr: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /status HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    serde_json::from_str(body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_report_their_view_and_under_replicated_blocks() {
+    let mut cluster = TestCluster::start_with(
+        &spread(3, 3),
+        3,
+        &["--repair-interval", "1s", "--status-listen", "127.0.0.1:0"],
+    )
+    .await
+    .unwrap();
+    let mut admin = cluster.peers[0].admin().await.unwrap();
+    for i in 0..20u32 {
+        let data = format!("counted {i} ").repeat(64).into_bytes();
+        admin.put_block(PutBlockRequest { data }).await.unwrap();
+    }
+    let addrs: Vec<String> = (0..3).map(|i| status_addr(&cluster, i)).collect();
+
+    // Settled: three live peers offering 4 GiB each, holding the blocks,
+    // nothing under-replicated.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = get_status(&addrs[0]).await;
+        let members = s["members"].as_array().unwrap();
+        let alive = members.iter().filter(|m| m["state"] == "alive").count();
+        let used: u64 = members.iter().map(|m| m["used"].as_u64().unwrap()).sum();
+        let capacity: u64 = members
+            .iter()
+            .map(|m| m["capacity"].as_u64().unwrap())
+            .sum();
+        if alive == 3 && used > 0 && s["under_replicated_blocks"] == 0 {
+            assert_eq!(capacity, 3 * (4 << 30));
+            assert_eq!(s["replication"], 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never settled: {s}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // One of three peers gone with R=3: every block is short of a copy,
+    // and the two peers left count each once between them.
+    cluster.kill(2);
+    cluster
+        .wait_for_alive(2, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut total = 0;
+        for addr in &addrs[..2] {
+            total += get_status(addr).await["under_replicated_blocks"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        if total == 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{total} of 20 blocks counted under-replicated"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -203,14 +203,16 @@ impl Peer {
         };
         peer.join(&config.join).await?;
         peer.mounts.restore();
+        let last_repair = Arc::new(crate::repair::LastPass::default());
         if !config.repair_interval.is_zero() {
             tokio::spawn(crate::repair::run(
                 peer.blocks.clone(),
                 config.repair_interval,
+                last_repair.clone(),
             ));
         }
         if let Some(addr) = config.status_listen {
-            crate::status::serve(addr, peer.blocks.clone(), me).await?;
+            crate::status::serve(addr, peer.blocks.clone(), me, last_repair).await?;
         }
         info!(node = %me, %addr, zone = %config.zone, rack = %config.rack, "peer started");
         Ok(peer)

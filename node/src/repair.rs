@@ -11,8 +11,9 @@
 //! it). Holders ask before they copy, so a settled cluster costs one small
 //! request per peer and page.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +32,38 @@ pub struct RepairStats {
     pub checked: u64,
     pub copied: u64,
     pub failed: u64,
+    /// Blocks this peer repairs that were still short of their replicas
+    /// when it was done: too few peers to place them on, or copies that
+    /// failed.
+    pub under_replicated: u64,
+}
+
+/// The last pass's counts, for the status endpoint (`None` before the
+/// first pass).
+#[derive(Debug, Default)]
+pub struct LastPass {
+    passes: AtomicU64,
+    checked: AtomicU64,
+    under_replicated: AtomicU64,
+}
+
+impl LastPass {
+    fn record(&self, stats: &RepairStats) {
+        self.checked.store(stats.checked, Ordering::Relaxed);
+        self.under_replicated
+            .store(stats.under_replicated, Ordering::Relaxed);
+        self.passes.fetch_add(1, Ordering::Release);
+    }
+
+    /// (blocks checked, blocks under-replicated) of the last pass.
+    pub fn counts(&self) -> Option<(u64, u64)> {
+        (self.passes.load(Ordering::Acquire) > 0).then(|| {
+            (
+                self.checked.load(Ordering::Relaxed),
+                self.under_replicated.load(Ordering::Relaxed),
+            )
+        })
+    }
 }
 
 /// Whether this peer (`me`) repairs a block whose home replicas are `home`.
@@ -38,13 +71,15 @@ pub fn repairs(me: NodeId, home: &[NodeId]) -> bool {
     home.first() == Some(&me) || !home.contains(&me)
 }
 
-/// Runs a pass every `interval` until the task is dropped.
-pub async fn run(blocks: Arc<Blocks>, interval: Duration) {
+/// Runs a pass every `interval` until the task is dropped, recording each
+/// in `last`.
+pub async fn run(blocks: Arc<Blocks>, interval: Duration, last: Arc<LastPass>) {
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
     loop {
         tick.tick().await;
         let stats = pass(&blocks).await;
+        last.record(&stats);
         if stats.copied > 0 || stats.failed > 0 {
             info!(?stats, "repair pass");
         } else {
@@ -87,6 +122,7 @@ async fn step(blocks: &Arc<Blocks>, page: &[Address], stats: &mut RepairStats) {
     let me = blocks.me();
     let default = blocks.config().policy.replicas;
     let mut wanted: HashMap<NodeId, (NodeInfo, Vec<Address>)> = HashMap::new();
+    let mut short: HashSet<Address> = HashSet::new();
     for address in page {
         stats.checked += 1;
         let claims = blocks.store().claims(address).unwrap_or_default();
@@ -100,6 +136,10 @@ async fn step(blocks: &Arc<Blocks>, page: &[Address], stats: &mut RepairStats) {
         let ids: Vec<NodeId> = home.iter().map(|n| n.id).collect();
         if !repairs(me, &ids) {
             continue;
+        }
+        // Too few peers take writes to hold every copy.
+        if home.len() < replicas {
+            short.insert(*address);
         }
         for node in home.into_iter().filter(|n| n.id != me) {
             wanted
@@ -120,6 +160,7 @@ async fn step(blocks: &Arc<Blocks>, page: &[Address], stats: &mut RepairStats) {
             Err(e) => {
                 debug!(node = %node.id, "repair: cannot ask: {e}");
                 stats.failed += addresses.len() as u64;
+                short.extend(addresses);
                 continue;
             }
         };
@@ -129,10 +170,12 @@ async fn step(blocks: &Arc<Blocks>, page: &[Address], stats: &mut RepairStats) {
                 Err(e) => {
                     debug!(node = %node.id, %address, "repair: {e}");
                     stats.failed += 1;
+                    short.insert(address);
                 }
             }
         }
     }
+    stats.under_replicated += short.len() as u64;
 }
 
 /// Copies one block to `node` with every owner's claim.

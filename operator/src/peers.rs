@@ -19,7 +19,8 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, Deserialize)]
 pub struct PeerStatus {
     pub members: Vec<Member>,
-    pub under_replicated_blocks: u64,
+    /// `None` until the peer has made a repair pass.
+    pub under_replicated_blocks: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -42,8 +43,8 @@ pub struct Reported {
 
 /// Sums what `answers` say, out of `asked` peers. Capacity and use come
 /// from the largest membership any peer reported (each peer gossips its
-/// own figures to all); under-replicated blocks add up, since each peer
-/// counts only the blocks it is the first live home replica of.
+/// own figures to all); under-replicated blocks add up, since each block
+/// has one repairing peer, which counts it.
 pub fn summarise(answers: &[PeerStatus], asked: usize) -> Option<Reported> {
     let view = answers.iter().max_by_key(|s| s.members.len())?;
     let live = view.members.iter().filter(|m| m.state == "alive");
@@ -52,7 +53,8 @@ pub fn summarise(answers: &[PeerStatus], asked: usize) -> Option<Reported> {
         capacity,
         used,
         under_replicated: (answers.len() == asked)
-            .then(|| answers.iter().map(|s| s.under_replicated_blocks).sum()),
+            .then(|| answers.iter().map(|s| s.under_replicated_blocks).sum())
+            .flatten(),
     })
 }
 
@@ -97,7 +99,7 @@ mod tests {
                     used: *used,
                 })
                 .collect(),
-            under_replicated_blocks: under,
+            under_replicated_blocks: Some(under),
         }
     }
 
