@@ -549,6 +549,37 @@ fn operator_against_a_real_apiserver() {
         api.get("secret", "main-ca", ns).is_some(),
         "the CA Secret outlives the cluster"
     );
+
+    // A cluster that asks for it has its data erased when it goes: the
+    // operator runs a wipe on every storage node (none here), then drops
+    // the CA Secret too.
+    let scratch = CLUSTER.replace("name: main", "name: scratch").replace(
+        "    capacity: 50Gi",
+        "    capacity: 50Gi\n    wipeOnDelete: true",
+    );
+    assert!(api.apply(&scratch).status.success());
+    api.wait_for(("secret", "scratch-ca", ns), limit, "made", |o| o.is_some());
+    api.wait_for(("daemonset", "scratch-node", ns), limit, "made", |o| {
+        o.is_some()
+    });
+    api.ok(&[
+        "delete",
+        "storagecluster",
+        "scratch",
+        "-n",
+        NS,
+        "--timeout=90s",
+    ]);
+    assert!(
+        api.get("secret", "scratch-ca", ns).is_none(),
+        "the CA Secret is erased"
+    );
+    assert!(
+        api.get("daemonset", "scratch-wipe", ns).is_none(),
+        "the wipe is cleaned up"
+    );
+    let events = api.ok(&["get", "events", "-n", NS, "-o", "json"]);
+    assert!(events.contains("DataWiped"), "{events}");
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -119,6 +119,11 @@ pub struct Storage {
     #[serde(default = "default_capacity")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P|k)?$"))]
     pub capacity: String,
+    /// When the StorageCluster is deleted, also erase the peers' data on
+    /// every node and the cluster's CA Secret. Off by default: the data
+    /// stays, and a StorageCluster of the same name finds it again.
+    #[serde(default)]
+    pub wipe_on_delete: bool,
 }
 
 fn default_host_path() -> String {
@@ -134,6 +139,7 @@ impl Default for Storage {
         Self {
             host_path: default_host_path(),
             capacity: default_capacity(),
+            wipe_on_delete: false,
         }
     }
 }

@@ -569,6 +569,52 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
     b.out
 }
 
+/// The DaemonSet that erases the peers' data on every storage node when a
+/// StorageCluster that asks for it is deleted: each pod empties the host
+/// path, then reports ready.
+pub fn wipe_daemonset(sc: &StorageCluster) -> Desired {
+    let n = Names::of(sc);
+    let labels = json!({CLUSTER_LABEL: cluster_label(sc), "app.kubernetes.io/name": "shoal", "app.kubernetes.io/component": "wipe"});
+    let mut b = Builder {
+        sc,
+        names: n.clone(),
+        labels: BTreeMap::from([(CLUSTER_LABEL.to_string(), cluster_label(sc))]),
+        out: Vec::new(),
+    };
+    b.push(
+        typed::<DaemonSet>(),
+        true,
+        &wipe_name(sc),
+        "wipe",
+        json!({"spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "nodeSelector": sc.spec.nodes.node_selector,
+                    "tolerations": sc.spec.nodes.tolerations,
+                    "containers": [{
+                        "name": "wipe",
+                        "image": sc.spec.images.shoal,
+                        "imagePullPolicy": sc.spec.images.pull_policy,
+                        "command": ["/bin/sh", "-c",
+                            "find /data -mindepth 1 -delete && touch /tmp/wiped && exec sleep 2147483647"],
+                        "readinessProbe": {"exec": {"command": ["test", "-f", "/tmp/wiped"]}, "periodSeconds": 2},
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    }],
+                    "volumes": [{"name": "data", "hostPath": {"path": sc.spec.storage.host_path, "type": "DirectoryOrCreate"}}],
+                },
+            },
+        }}),
+    );
+    b.out.pop().expect("just pushed")
+}
+
+/// The name of the wiping DaemonSet.
+pub fn wipe_name(sc: &StorageCluster) -> String {
+    format!("{}-wipe", sc.name_any())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -715,6 +761,25 @@ mod tests {
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}, "spec": deploy["spec"],
         }))
         .unwrap();
+    }
+
+    #[test]
+    fn the_wipe_runs_where_the_peers_ran_on_their_data() {
+        let sc = cluster(json!({
+            "nodes": {"nodeSelector": {"storage": "yes"}},
+            "storage": {"hostPath": "/srv/shoal", "wipeOnDelete": true},
+        }));
+        let wipe = wipe_daemonset(&sc);
+        assert_eq!(wipe.name(), "main-wipe");
+        let pod = &wipe.object.data["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"]["storage"], "yes");
+        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/srv/shoal");
+        assert!(
+            pod["containers"][0]["command"][2]
+                .as_str()
+                .unwrap()
+                .contains("find /data -mindepth 1 -delete")
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub enum Error {
     Ca(String),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("erasing the peers' data: {0} of {1} nodes done")]
+    Wiping(i32, i32),
 }
 
 /// What every reconciliation shares.
@@ -323,11 +325,7 @@ async fn delete_labelled(
             let name = object.name_any();
             if doomed(&resource.kind, &name) {
                 info!(kind = resource.kind, name, "deleting");
-                match api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(status)) if status.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                deleted(api.delete(&name, &DeleteParams::default()).await)?;
             }
         }
     }
@@ -335,17 +333,86 @@ async fn delete_labelled(
 }
 
 async fn cleanup(sc: &StorageCluster, ctx: &Context) -> Result<Action, Error> {
+    if sc.spec.storage.wipe_on_delete {
+        wipe(sc, ctx).await?;
+    }
     let snapshots = snapshots_installed(&ctx.client).await?;
     delete_labelled(sc, &ctx.client, snapshots, |_, _| true).await?;
+    let what = if sc.spec.storage.wipe_on_delete {
+        "removed the cluster's objects and erased its data"
+    } else {
+        "removed the cluster's objects; data on the hosts and the CA Secret stay"
+    };
+    publish(ctx, sc, EventType::Normal, "Deleted", Some(what.into())).await;
+    Ok(Action::await_change())
+}
+
+/// The outcome of a delete: done, or there was nothing to delete.
+fn deleted<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Erases the peers' data: stops the peers, runs the wipe DaemonSet until
+/// every node reports its host path empty, then removes it and the CA
+/// Secret. Until then it fails with [`Error::Wiping`], so the finalizer
+/// stays and the deletion is retried.
+async fn wipe(sc: &StorageCluster, ctx: &Context) -> Result<(), Error> {
+    let names = Names::of(sc);
+    let client = &ctx.client;
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace);
+    deleted(
+        daemonsets
+            .delete(&names.node, &DeleteParams::default())
+            .await,
+    )?;
+    deleted(
+        Api::<Deployment>::namespaced(client.clone(), &names.namespace)
+            .delete(&names.controller, &DeleteParams::default())
+            .await,
+    )?;
+    let d = objects::wipe_daemonset(sc);
+    dynamic_api(client, &d, &names.namespace)
+        .patch(
+            &d.name(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&d.object),
+        )
+        .await?;
+    let current = daemonsets.get(&d.name()).await?;
+    // Counts mean something only once the DaemonSet controller has seen
+    // this version.
+    let seen = current.status.as_ref().and_then(|s| s.observed_generation);
+    let (desired, ready) = match &current.status {
+        Some(s) if seen.is_some() && seen == current.metadata.generation => {
+            (s.desired_number_scheduled, s.number_ready)
+        }
+        _ => (1, 0),
+    };
+    if ready < desired {
+        return Err(Error::Wiping(ready, desired));
+    }
+    deleted(daemonsets.delete(&d.name(), &DeleteParams::default()).await)?;
+    deleted(
+        Api::<Secret>::namespaced(client.clone(), &names.namespace)
+            .delete(&names.ca, &DeleteParams::default())
+            .await,
+    )?;
     publish(
         ctx,
         sc,
         EventType::Normal,
-        "Deleted",
-        Some("removed the cluster's objects; data on the hosts and the CA Secret stay".into()),
+        "DataWiped",
+        Some(format!(
+            "erased {} on {desired} nodes",
+            sc.spec.storage.host_path
+        )),
     )
     .await;
-    Ok(Action::await_change())
+    Ok(())
 }
 
 /// The status the peers' DaemonSet and the controller Deployment show.
