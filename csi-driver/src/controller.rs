@@ -114,7 +114,8 @@ impl Driver {
         }
     }
 
-    async fn volume(&self, volume_id: &str) -> Result<PeerVolume, Status> {
+    /// The volume `volume_id` names, or NOT_FOUND.
+    pub(crate) async fn volume(&self, volume_id: &str) -> Result<PeerVolume, Status> {
         self.get_volume(id(volume_id, "volume_id")?)
             .await?
             .ok_or_else(|| Status::not_found(format!("volume {volume_id} does not exist")))

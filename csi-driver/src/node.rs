@@ -231,15 +231,7 @@ impl Node for Driver {
             request::capability(cap)?;
         }
         self.published(&r.volume_id, &r.volume_path).await?;
-        let volume = self
-            .peer()
-            .get_volume(shoal_proto::admin::GetVolumeRequest {
-                name: r.volume_id.clone(),
-            })
-            .await?
-            .into_inner()
-            .volume
-            .unwrap_or_default();
+        let volume = self.volume(&r.volume_id).await?;
         if let Some(range) = &r.capacity_range
             && range.required_bytes > volume.size as i64
         {
