@@ -1,6 +1,7 @@
 //! Volumes across mounts and failures: managing volumes, two mounts of one
-//! volume on two peers writing at once, and fsync'd data surviving SIGKILL
-//! of the mounting peer and of R−1 others.
+//! volume on two peers writing at once, a lone mount's write-back metadata
+//! handed over to a second mount, and fsync'd data surviving SIGKILL of the
+//! mounting peer and of R−1 others.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -169,6 +170,106 @@ async fn two_mounts_on_two_peers_write_one_directory() {
         );
         assert_eq!(seen_a, seen_b, "round {round}");
     }
+}
+
+/// How many times `line` appears in peer `i`'s log.
+fn logged(cluster: &TestCluster, i: usize, line: &str) -> usize {
+    cluster.peers[i].log().matches(line).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lone_mount_writes_back_and_hands_the_volume_over() {
+    const WRITE_BACK: &str = "metadata is write-back";
+    const WRITE_THROUGH: &str = "metadata is write-through";
+    let cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
+    cluster.create_volume(0, "solo", "10GiB").unwrap();
+    let a = cluster.mount(0, "solo", "mnt-a").unwrap();
+    assert_eq!(
+        logged(&cluster, 0, WRITE_BACK),
+        1,
+        "the only mount holds it"
+    );
+    // Creates, writes, renames and unlinks, none fsynced: they sit in A's
+    // copy of the metadata, at most a second, before they are committed.
+    fs::create_dir_all(a.dir.join("tree/deep")).unwrap();
+    for i in 0..300 {
+        fs::write(a.dir.join(format!("tree/f{i:03}")), format!("file {i}")).unwrap();
+    }
+    fs::write(a.dir.join("tree/deep/big"), vec![7u8; 3 << 20]).unwrap();
+    for i in 0..50 {
+        fs::rename(
+            a.dir.join(format!("tree/f{i:03}")),
+            a.dir.join(format!("tree/deep/r{i:03}")),
+        )
+        .unwrap();
+    }
+    for i in 50..100 {
+        fs::remove_file(a.dir.join(format!("tree/f{i:03}"))).unwrap();
+    }
+
+    // B joins on another peer: A commits everything and turns shared
+    // before B sees the volume.
+    let b = cluster.mount(1, "solo", "mnt-b").unwrap();
+    assert_eq!(logged(&cluster, 0, WRITE_THROUGH), 1);
+    assert_eq!(logged(&cluster, 1, WRITE_BACK), 0, "B shares the volume");
+    let mut names: Vec<String> = fs::read_dir(b.dir.join("tree"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (100..300).map(|i| format!("f{i:03}")).collect();
+    want.push("deep".into());
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(
+        fs::read_to_string(b.dir.join("tree/f299")).unwrap(),
+        "file 299"
+    );
+    assert_eq!(
+        fs::read_to_string(b.dir.join("tree/deep/r007")).unwrap(),
+        "file 7"
+    );
+    assert_eq!(
+        fs::read(b.dir.join("tree/deep/big")).unwrap(),
+        vec![7u8; 3 << 20]
+    );
+    assert_eq!(fs::read_dir(b.dir.join("tree/deep")).unwrap().count(), 51);
+
+    // Shared, both see each other's changes, once what A cached of the
+    // directory is older than the attribute timeout.
+    fs::write(b.dir.join("tree/from-b"), "b wrote this").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        fs::read_to_string(a.dir.join("tree/from-b")).unwrap(),
+        "b wrote this"
+    );
+
+    // B leaves: A is alone again and takes the volume back, with B's
+    // changes in it.
+    b.unmount().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while logged(&cluster, 0, WRITE_BACK) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        logged(&cluster, 0, WRITE_BACK),
+        2,
+        "A holds the volume again"
+    );
+    fs::write(a.dir.join("tree/after"), "written back").unwrap();
+    assert_eq!(
+        fs::read_to_string(a.dir.join("tree/from-b")).unwrap(),
+        "b wrote this"
+    );
+
+    // Unmounting commits what is left; the next mount, elsewhere, has it.
+    a.unmount().unwrap();
+    let c = cluster.mount(2, "solo", "mnt-c").unwrap();
+    assert_eq!(
+        fs::read_to_string(c.dir.join("tree/after")).unwrap(),
+        "written back"
+    );
+    assert_eq!(fs::read_dir(c.dir.join("tree")).unwrap().count(), 203);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -442,6 +442,11 @@ impl fuser::Filesystem for ShoalFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Data in memory is answered on the spot: no task, no hand-over.
+        if let Some(data) = self.fs.read_held(fh.0, offset, size) {
+            reply.data(&data);
+            return;
+        }
         self.spawn(
             move |fs| async move { fs.read(fh.0, offset, size).await },
             move |r| match r {
@@ -508,7 +513,7 @@ impl fuser::Filesystem for ShoalFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move { fs.commit(fh.0).await }, empty(reply));
+        self.spawn(move |fs| async move { fs.fsync(fh.0).await }, empty(reply));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -621,8 +626,7 @@ impl fuser::Filesystem for ShoalFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Directory changes are durable when they return.
-        reply.ok();
+        self.spawn(move |fs| async move { fs.barrier().await }, empty(reply));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -46,6 +46,11 @@ impl<T, O, F: FnMut(Option<&T>) -> (Option<T>, O)> Change<T> for F {
 pub trait Sealed: Sized {
     fn to_bytes(&self) -> Vec<u8>;
     fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError>;
+    /// When a batch of changed blocks is committed, blocks of a lower
+    /// rank land first: a block never points at one not written yet.
+    fn rank(&self) -> u8 {
+        0
+    }
 }
 
 macro_rules! sealed {
@@ -56,9 +61,26 @@ macro_rules! sealed {
         }
     )*};
 }
+
+/// Leaves name inodes, and a split shard names its leaves.
+impl Sealed for shoal_core::fs::Shard {
+    fn to_bytes(&self) -> Vec<u8> {
+        shoal_core::fs::Shard::to_bytes(self)
+    }
+    fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError> {
+        shoal_core::fs::Shard::from_bytes(bytes)
+    }
+    fn rank(&self) -> u8 {
+        match self {
+            shoal_core::fs::Shard::Leaf(_) => 1,
+            shoal_core::fs::Shard::Split { .. } => 2,
+        }
+    }
+}
+
 sealed!(
     shoal_core::fs::Inode,
-    shoal_core::fs::Shard,
+    shoal_core::fs::SessionTable,
     shoal_core::fs::Usage,
     shoal_core::fs::VolumeRecord,
     shoal_core::fs::SnapshotRecord,
@@ -276,27 +298,51 @@ impl<K: Keys> Meta<K> {
             vec![self.writer.public()],
             self.seal(&envelope),
         );
-        let outcome = if unique {
-            match self
-                .consensus
-                .create_unique(block.clone(), self.replicas)
-                .await
-            {
-                Ok(outcome) => outcome,
-                // Fall back to the general path, which sorts out
-                // unclear outcomes.
-                Err(_) => self.put(block).await?,
-            }
-        } else {
-            self.put(block).await?
-        };
-        match outcome {
+        match self.put_new(block, unique).await? {
             PutOutcome::Written(b) => Ok(Some(b)),
             // Ours, if the version that won carries our change.
             PutOutcome::Conflict(current) => Ok(self
                 .open::<T>(&current)
                 .is_ok_and(|(_, e)| e.changes.contains(&id))
                 .then_some(current)),
+        }
+    }
+
+    /// Writes a block's first version; `unique` if its name holds a
+    /// number this node just drew at random.
+    async fn put_new(&self, block: MutableBlock, unique: bool) -> Result<PutOutcome, MetaError> {
+        // On error, the general path sorts out unclear outcomes.
+        if unique
+            && let Ok(outcome) = self
+                .consensus
+                .create_unique(block.clone(), self.replicas)
+                .await
+        {
+            return Ok(outcome);
+        }
+        self.put(block).await
+    }
+
+    /// Writes `body` as the version after `known` (the block's first
+    /// version if `None`), without re-reading the block: the commit of a
+    /// mount that holds its volume alone. `unique` as for
+    /// [`Self::create_unique`].
+    pub async fn put_body(
+        &self,
+        what: &[u8],
+        known: Option<&MutableBlock>,
+        body: Vec<u8>,
+        unique: bool,
+    ) -> Result<PutOutcome, MetaError> {
+        let payload = self.seal(&Envelope::default().next(rand::random(), body));
+        match known {
+            Some(c) if c.version > 0 => self.put(self.writer.write_after(c, payload)).await,
+            _ => {
+                let block =
+                    self.writer
+                        .create(self.salt(what), vec![self.writer.public()], payload);
+                self.put_new(block, unique && known.is_none()).await
+            }
         }
     }
 

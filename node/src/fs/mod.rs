@@ -7,6 +7,7 @@ pub mod filesystem;
 pub mod fuse;
 pub mod image;
 pub mod meta;
+pub mod meta_cache;
 pub mod mounts;
 pub mod snapshots;
 pub mod volumes;
@@ -38,4 +39,11 @@ pub(crate) fn new_ino() -> u64 {
             return ino;
         }
     }
+}
+
+/// Random per start of this peer: tells a session of a mount that died
+/// with an earlier run of the peer from a live one.
+pub(crate) fn boot_id() -> u64 {
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(rand::random)
 }

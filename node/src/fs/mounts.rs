@@ -331,7 +331,7 @@ impl Mounts {
     /// Commits a mount's open files and ends its FUSE session.
     async fn stop(&self, key: PathBuf, mounted: Mounted) {
         mounted.usage.abort();
-        mounted.fs.commit_all().await;
+        mounted.fs.stop().await;
         let at = key.clone();
         let result = tokio::task::spawn_blocking(move || mounted.session.umount_and_join()).await;
         if !matches!(result, Ok(Ok(()))) {

@@ -125,6 +125,22 @@ impl Volumes {
         &self,
         volume: &VolumeRecord,
     ) -> Result<(Address, Usage), VolumeError> {
+        // Join the volume's mounts for the walk: a mount that holds the
+        // volume alone commits what it keeps write-back, and shares it.
+        let session = super::meta_cache::MetaCache::new(
+            volume.name.clone(),
+            self.meta(volume),
+            self.blocks().me().0,
+            super::boot_id(),
+        );
+        session.start().await?;
+        let captured = self.walk(volume).await;
+        session.stop().await;
+        captured
+    }
+
+    /// Every metadata block of the volume, frozen into an image.
+    async fn walk(&self, volume: &VolumeRecord) -> Result<(Address, Usage), VolumeError> {
         let meta = self.meta(volume);
         let mut entries = BTreeMap::new();
         let usage = match meta.read::<Usage>(USAGE).await? {

@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::inode::Kind;
 use super::{FsError, decode, encode};
 
-/// A leaf larger than this splits.
-pub const SPLIT_BYTES: usize = 32 * 1024;
+/// A leaf larger than this splits: a few hundred entries, so that a
+/// create copies and rewrites little.
+pub const SPLIT_BYTES: usize = 8 * 1024;
 /// Hash bits available for splitting.
 pub const MAX_DEPTH: u8 = 60;
 

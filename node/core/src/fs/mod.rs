@@ -12,12 +12,14 @@ pub mod crypt;
 pub mod dir;
 pub mod image;
 pub mod inode;
+pub mod session;
 pub mod volume;
 
 pub use crypt::{Keyring, VolumeKey};
 pub use dir::{DirEntry, Shard, ShardId};
 pub use image::{ImageIndex, ImagePart};
 pub use inode::{ChunkRef, Content, Inode, Kind, Timestamp};
+pub use session::{Session, SessionTable};
 pub use volume::{Catalogue, Lineage, SnapshotRecord, Source, Usage, VolumeRecord};
 
 /// Why a filesystem structure is refused.

@@ -14,34 +14,40 @@ impl VolumeFs {
     pub(super) fn leaf_id(&self, dir: u64, hash: u64) -> ShardId {
         let shards = self.shards.lock().expect("shards");
         let mut id = ShardId::root(dir);
-        while let Some((Shard::Split { generation }, _, _)) = shards.get(&id) {
-            id = id.child(hash, *generation);
+        while let Some((shard, _, _)) = shards.get(&id)
+            && let Shard::Split { generation } = **shard
+        {
+            id = id.child(hash, generation);
         }
         id
     }
 
-    pub(super) fn cache_shard(&self, id: ShardId, shard: &Shard, block: &MutableBlock) {
+    pub(super) fn cache_shard(&self, id: ShardId, shard: &Arc<Shard>, version: u64) {
         self.shards
             .lock()
             .expect("shards")
-            .insert(id, (shard.clone(), block.clone(), Instant::now()));
+            .insert(id, (shard.clone(), version, Instant::now()));
     }
 
     /// Reads one shard, from cache when allowed (split shards never change).
-    pub(super) async fn shard(&self, id: ShardId, fresh: bool) -> Result<Option<Shard>, Errno> {
+    pub(super) async fn shard(
+        &self,
+        id: ShardId,
+        fresh: bool,
+    ) -> Result<Option<Arc<Shard>>, Errno> {
         if let Some((shard, _, at)) = self.shards.lock().expect("shards").get(&id)
-            && (matches!(shard, Shard::Split { .. }) || (!fresh && at.elapsed() < ATTR_TTL))
+            && (matches!(**shard, Shard::Split { .. }) || (!fresh && at.elapsed() < ATTR_TTL))
         {
             return Ok(Some(shard.clone()));
         }
         match self
-            .meta
+            .cache
             .read::<Shard>(&id.salt_input())
             .await
             .map_err(meta_errno)?
         {
-            Some((shard, block)) => {
-                self.cache_shard(id, &shard, &block);
+            Some((shard, version)) => {
+                self.cache_shard(id, &shard, version);
                 Ok(Some(shard))
             }
             None => Ok(None),
@@ -58,7 +64,7 @@ impl VolumeFs {
         let hash = self.name_hash(name);
         for _ in 0..64 {
             let id = self.leaf_id(dir, hash);
-            match self.shard(id, fresh).await? {
+            match self.shard(id, fresh).await?.as_deref() {
                 Some(Shard::Split { .. }) => continue,
                 Some(Shard::Leaf(entries)) => return Ok(entries.get(name).copied()),
                 None => return Ok(None),
@@ -79,15 +85,9 @@ impl VolumeFs {
         let hash = self.name_hash(name);
         for _ in 0..64 {
             let id = self.leaf_id(dir, hash);
-            let known = self
-                .shards
-                .lock()
-                .expect("shards")
-                .get(&id)
-                .map(|(_, b, _)| b.clone());
             let (result, now) = self
-                .meta
-                .update::<Shard, _>(&id.salt_input(), known, |cur: Option<&Shard>| match cur {
+                .cache
+                .update::<Shard, _>(&id.salt_input(), |cur: Option<&Shard>| match cur {
                     Some(Shard::Split { .. }) => (None, None),
                     cur => {
                         let mut entries = cur.and_then(Shard::entries).cloned().unwrap_or_default();
@@ -99,17 +99,17 @@ impl VolumeFs {
                 })
                 .await
                 .map_err(meta_errno)?;
-            if let Some((shard, block)) = &now {
-                self.cache_shard(id, shard, block);
+            if let Some((shard, version)) = &now {
+                self.cache_shard(id, shard, *version);
             }
             match result {
                 // The leaf split under us: follow it.
                 None => continue,
                 Some(result) => {
-                    if let Some((shard, block)) = now
+                    if let Some((shard, version)) = now
                         && shard.should_split(id.depth)
                     {
-                        self.split(id, shard, block).await?;
+                        self.split(id, shard, version).await?;
                     }
                     return result;
                 }
@@ -122,10 +122,9 @@ impl VolumeFs {
     pub(super) async fn split(
         &self,
         id: ShardId,
-        leaf: Shard,
-        block: MutableBlock,
+        leaf: Arc<Shard>,
+        generation: u64,
     ) -> Result<(), Errno> {
-        let generation = block.version;
         let halves = leaf.split(&id, |n| self.name_hash(n));
         let children = id.children(generation);
         let names = children.map(|c| c.salt_input());
@@ -133,16 +132,16 @@ impl VolumeFs {
             names
                 .iter()
                 .zip(&halves)
-                .map(|(name, half)| self.meta.create(name, half)),
+                .map(|(name, half)| self.cache.create(name, half)),
         )
         .await;
         for c in created {
             c.map_err(meta_errno)?;
         }
         let (_, now) = self
-            .meta
-            .update::<Shard, _>(&id.salt_input(), Some(block), |cur: Option<&Shard>| {
-                if cur == Some(&leaf) {
+            .cache
+            .update::<Shard, _>(&id.salt_input(), |cur: Option<&Shard>| {
+                if cur == Some(&*leaf) {
                     (Some(Shard::Split { generation }), ())
                 } else {
                     (None, ())
@@ -150,8 +149,8 @@ impl VolumeFs {
             })
             .await
             .map_err(meta_errno)?;
-        if let Some((shard, block)) = now {
-            self.cache_shard(id, &shard, &block);
+        if let Some((shard, version)) = now {
+            self.cache_shard(id, &shard, version);
         }
         Ok(())
     }
@@ -168,9 +167,11 @@ impl VolumeFs {
                 futures::future::join_all(level.iter().map(|id| self.shard(*id, true))).await;
             let mut next = Vec::new();
             for (id, shard) in level.iter().zip(shards) {
-                match shard? {
-                    Some(Shard::Leaf(entries)) => out.extend(entries),
-                    Some(Shard::Split { generation }) => next.extend(id.children(generation)),
+                match shard?.as_deref() {
+                    Some(Shard::Leaf(entries)) => {
+                        out.extend(entries.iter().map(|(n, e)| (n.clone(), *e)))
+                    }
+                    Some(Shard::Split { generation }) => next.extend(id.children(*generation)),
                     None => {}
                 }
             }
@@ -232,7 +233,7 @@ impl VolumeFs {
         parent: u64,
         name: &[u8],
         inode: &Inode,
-    ) -> Result<MutableBlock, Errno> {
+    ) -> Result<u64, Errno> {
         let entry = DirEntry {
             ino: inode.ino,
             kind: inode.kind,
@@ -241,7 +242,7 @@ impl VolumeFs {
         // as absent, so the order in which they land does not matter.
         let inode_name = Self::inode_name(inode.ino);
         let (created, inserted) = futures::join!(
-            self.meta.create_unique(&inode_name, inode),
+            self.cache.create_unique(&inode_name, inode),
             self.update_dir(parent, name, Self::insert_entry(name, entry))
         );
         inserted?;
@@ -271,8 +272,8 @@ impl VolumeFs {
             gid,
             crate::fs::now(),
         );
-        let block = match self.add_entry_and_inode(parent, name, &inode).await {
-            Ok(block) => block,
+        let version = match self.add_entry_and_inode(parent, name, &inode).await {
+            Ok(version) => version,
             // Someone else made the file first: open theirs, as a local
             // filesystem would without O_EXCL.
             Err(Errno::EEXIST) if !exclusive => {
@@ -291,8 +292,8 @@ impl VolumeFs {
             Err(e) => return Err(e),
         };
         self.add_usage(Usage { bytes: 0, files: 1 });
-        self.cache_inode(&inode, &block);
-        let file = OpenFile::at(inode.clone(), block);
+        self.cache_inode(&inode, version);
+        let file = OpenFile::at(inode.clone(), version);
         self.files
             .lock()
             .expect("files")
@@ -406,6 +407,9 @@ impl VolumeFs {
         };
         let replaced = self.update_dir(new_parent, new_name, replace).await?;
         if !same_leaf {
+            // The new name lands before the old one goes, even when the
+            // mount commits in batches: a crash leaves both, never neither.
+            self.barrier().await?;
             self.update_dir(parent, name, |entries| {
                 if entries.get(name).map(|e| e.ino) == Some(source.ino) {
                     entries.remove(name);

@@ -17,8 +17,8 @@ impl VolumeFs {
             f.lock().await.handles += 1;
             return Ok(f);
         }
-        let (inode, block) = self.read_inode(ino).await?;
-        let file = Arc::new(tokio::sync::Mutex::new(OpenFile::at(inode, block)));
+        let (inode, version) = self.read_inode(ino).await?;
+        let file = Arc::new(tokio::sync::Mutex::new(OpenFile::at(inode, version)));
         let existing = self
             .files
             .lock()
@@ -39,9 +39,7 @@ impl VolumeFs {
         f.handles = f.handles.saturating_sub(1);
         if f.handles == 0 && !f.changed {
             self.files.lock().expect("files").remove(&ino);
-            if let Some(base) = &f.base {
-                self.cache_inode(&f.inode, base);
-            }
+            self.cache_inode(&f.inode, f.version);
         }
     }
 
@@ -61,7 +59,7 @@ impl VolumeFs {
         let file = self.open_file(ino).await?;
         let (kind, version) = {
             let f = file.lock().await;
-            (f.inode.kind, f.base.as_ref().map_or(0, |b| b.version))
+            (f.inode.kind, f.version)
         };
         if kind == Kind::Dir {
             self.release_file(ino, &file).await;
@@ -192,10 +190,66 @@ impl VolumeFs {
         }
     }
 
+    /// Copies into `out` (file bytes from `offset`) what memory holds:
+    /// inline data, buffered writes and cached chunks. Returns the chunks
+    /// still to fetch, by index.
+    fn copy_held(
+        &self,
+        f: &OpenFile,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<Vec<(u64, ChunkRef)>, Errno> {
+        let mut fetch = Vec::new();
+        match &f.inode.content {
+            Content::Inline(data) => copy_from_chunk(0, Some(data), offset, out),
+            Content::Chunks(chunks) => {
+                let mut cache = self.chunks.lock().expect("chunks");
+                for index in chunk_span(offset, out.len() as u64) {
+                    if let Some(data) = f.dirty.get(&index) {
+                        copy_from_chunk(index, Some(data), offset, out);
+                    } else if let Some((data, _)) = f.uploading.get(&index) {
+                        copy_from_chunk(index, Some(data), offset, out);
+                    } else if let Some(chunk) = chunks.get(&index) {
+                        match cache.get(&chunk.address) {
+                            Some(data) => {
+                                let valid = &data[..(chunk.len as usize).min(data.len())];
+                                copy_from_chunk(index, Some(valid), offset, out);
+                            }
+                            None => fetch.push((index, *chunk)),
+                        }
+                    }
+                }
+            }
+            Content::Symlink(_) | Content::Dir => return Err(Errno::EINVAL),
+        }
+        Ok(fetch)
+    }
+
+    /// A read answered at once from memory, without a task: `None` if it
+    /// needs a fetch, starts a sequential run (read-ahead), or the file is
+    /// busy.
+    pub fn read_held(&self, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let (_, file) = self.handle(fh).ok()?;
+        let mut f = file.try_lock().ok()?;
+        let end = (offset + u64::from(size)).min(f.inode.size);
+        if offset >= end {
+            return Some(Vec::new());
+        }
+        if offset == f.last_read_end && offset > 0 {
+            return None;
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        if !self.copy_held(&f, offset, &mut out).ok()?.is_empty() {
+            return None;
+        }
+        f.last_read_end = end;
+        Some(out)
+    }
+
     pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let (_, file) = self.handle(fh)?;
         let mut out;
-        let mut fetch = Vec::new();
+        let fetch;
         {
             let mut f = file.lock().await;
             let end = (offset + u64::from(size)).min(f.inode.size);
@@ -203,25 +257,14 @@ impl VolumeFs {
                 return Ok(Vec::new());
             }
             out = vec![0u8; (end - offset) as usize];
-            match &f.inode.content {
-                Content::Inline(data) => copy_from_chunk(0, Some(data), offset, &mut out),
-                Content::Chunks(chunks) => {
-                    for index in chunk_span(offset, out.len() as u64) {
-                        if let Some(data) = f.dirty.get(&index) {
-                            copy_from_chunk(index, Some(data), offset, &mut out);
-                        } else if let Some((data, _)) = f.uploading.get(&index) {
-                            copy_from_chunk(index, Some(data), offset, &mut out);
-                        } else if let Some(chunk) = chunks.get(&index) {
-                            fetch.push((index, *chunk));
-                        }
-                    }
-                    if offset == f.last_read_end && offset > 0 {
-                        let next = chunk_span(end, READ_AHEAD * CHUNK_SIZE);
-                        let ahead = chunks.range(next).map(|(_, c)| *c).collect();
-                        self.read_ahead(ahead);
-                    }
-                }
-                Content::Symlink(_) | Content::Dir => return Err(Errno::EINVAL),
+            fetch = self.copy_held(&f, offset, &mut out)?;
+            if let Content::Chunks(chunks) = &f.inode.content
+                && offset == f.last_read_end
+                && offset > 0
+            {
+                let next = chunk_span(end, READ_AHEAD * CHUNK_SIZE);
+                let ahead = chunks.range(next).map(|(_, c)| *c).collect();
+                self.read_ahead(ahead);
             }
             f.last_read_end = end;
         }
@@ -377,49 +420,53 @@ impl VolumeFs {
         }
         let ours = f.inode.clone();
         let (_, now) = self
-            .meta
-            .update::<Inode, _>(
-                &Self::inode_name(ino),
-                f.base.clone(),
-                |cur: Option<&Inode>| {
-                    let next = match cur {
-                        None => ours.clone(),
-                        Some(cur) => {
-                            let mut next = cur.clone();
-                            next.content = ours.content.clone();
-                            next.size = ours.size;
-                            next.mtime = ours.mtime;
-                            next.ctime = crate::fs::now();
-                            next
-                        }
-                    };
-                    (Some(next), ())
-                },
-            )
+            .cache
+            .update::<Inode, _>(&Self::inode_name(ino), |cur: Option<&Inode>| {
+                let next = match cur {
+                    None => ours.clone(),
+                    Some(cur) => {
+                        let mut next = cur.clone();
+                        next.content = ours.content.clone();
+                        next.size = ours.size;
+                        next.mtime = ours.mtime;
+                        next.ctime = crate::fs::now();
+                        next
+                    }
+                };
+                (Some(next), ())
+            })
             .await
             .map_err(meta_errno)?;
-        let (inode, block) = now.ok_or(Errno::EIO)?;
+        let (inode, version) = now.ok_or(Errno::EIO)?;
+        let inode = Arc::unwrap_or_clone(inode);
         let stored = inode.stored_bytes();
         self.add_usage(Usage {
             bytes: stored as i64 - f.committed_bytes as i64,
             files: 0,
         });
         f.committed_bytes = stored;
-        self.cache_inode(&inode, &block);
+        self.cache_inode(&inode, version);
         self.page_cache
             .lock()
             .expect("page cache")
-            .insert(ino, block.version);
+            .insert(ino, version);
         f.inode = inode;
-        f.base = Some(block);
+        f.version = version;
         f.changed = false;
         Ok(())
     }
 
-    /// flush and fsync: commit the file behind a handle.
+    /// flush: commit the file behind a handle.
     pub async fn commit(&self, fh: u64) -> Result<(), Errno> {
         let (ino, file) = self.handle(fh)?;
         self.commit_file(ino, &file).await
+    }
+
+    /// fsync: commit the file and make it durable, with every metadata
+    /// change before it (its name included).
+    pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
+        self.commit(fh).await?;
+        self.barrier().await
     }
 
     /// Closes a handle, committing what is left.
@@ -436,7 +483,8 @@ impl VolumeFs {
         result
     }
 
-    /// Commits every open file (before an unmount).
+    /// Commits every open file and makes every change durable (before an
+    /// unmount or a snapshot).
     pub async fn commit_all(&self) {
         let files: Vec<_> = self
             .files
@@ -451,6 +499,9 @@ impl VolumeFs {
             }
         }
         self.sync_usage().await;
+        if let Err(e) = self.barrier().await {
+            warn!("metadata commit: {e:?}");
+        }
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {

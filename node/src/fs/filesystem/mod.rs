@@ -1,9 +1,10 @@
 //! One mounted volume's POSIX operations, as async functions that return
 //! errno values: the FUSE layer only translates requests and replies.
 //!
-//! - Metadata: inode and directory-shard blocks through [`Meta`], cached
-//!   and validated by version; directory changes are compare-and-set and
-//!   are re-applied to whichever version won a conflict.
+//! - Metadata: inode and directory-shard blocks through the mount's
+//!   [`MetaCache`]: write-back while the mount has the volume alone, else
+//!   compare-and-set on each block's quorum, re-applied to whichever
+//!   version won a conflict.
 //! - Data: writes are buffered per open file; full chunks are uploaded at
 //!   once, in the background and in parallel, the rest at commit. A commit
 //!   (flush, fsync, close) replaces the inode's content in one version, so
@@ -29,7 +30,7 @@ use shoal_core::fs::inode::{
     CHUNK_SIZE, INLINE_MAX, NAME_MAX, ROOT_INO, chunk_span, copy_from_chunk,
 };
 use shoal_core::fs::{ChunkRef, Content, Inode, Kind, Shard, ShardId, Usage, VolumeRecord};
-use shoal_core::mutable::{MutableBlock, PublicKey};
+use shoal_core::mutable::PublicKey;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -38,6 +39,7 @@ mod file;
 
 use super::chunk_cache::ChunkCache;
 use super::meta::{Meta, MetaError, VolumeKeys};
+use super::meta_cache::MetaCache;
 use super::volumes::{USAGE, Volumes};
 use crate::blocks::{BlockError, Blocks};
 
@@ -67,8 +69,8 @@ type Upload = (Arc<Vec<u8>>, JoinHandle<Result<ChunkRef, Errno>>);
 struct OpenFile {
     /// The working copy: committed state plus buffered writes.
     inode: Inode,
-    /// The version the working copy is based on (`None` until created).
-    base: Option<MutableBlock>,
+    /// The version the working copy is based on.
+    version: u64,
     /// Chunks written since the last commit: whole plaintext, by index.
     dirty: BTreeMap<u64, Vec<u8>>,
     /// Chunks on their way to the cluster, with their plaintext.
@@ -84,11 +86,11 @@ struct OpenFile {
 
 impl OpenFile {
     /// A file opened by one handle, at its committed version.
-    fn at(inode: Inode, base: MutableBlock) -> Self {
+    fn at(inode: Inode, version: u64) -> Self {
         Self {
             committed_bytes: inode.stored_bytes(),
             inode,
-            base: Some(base),
+            version,
             dirty: BTreeMap::new(),
             uploading: BTreeMap::new(),
             changed: false,
@@ -97,6 +99,9 @@ impl OpenFile {
         }
     }
 }
+
+/// A structure as last read or written: its version, and when.
+type Cached<T> = (T, u64, Instant);
 
 /// The directory listing an open directory handle walks through.
 type Listing = Arc<Vec<(Vec<u8>, DirEntry)>>;
@@ -114,11 +119,14 @@ pub struct VolumeFs {
     record: Mutex<VolumeRecord>,
     volumes: Volumes,
     meta: Meta<VolumeKeys>,
+    /// The mount's copy of the metadata blocks, write-back while it has
+    /// the volume alone.
+    cache: Arc<MetaCache>,
     blocks: Arc<Blocks>,
     disk_cache: Arc<ChunkCache>,
     read_only: bool,
-    inodes: Mutex<HashMap<u64, (Inode, MutableBlock, Instant)>>,
-    shards: Mutex<HashMap<ShardId, (Shard, MutableBlock, Instant)>>,
+    inodes: Mutex<HashMap<u64, Cached<Inode>>>,
+    shards: Mutex<HashMap<ShardId, Cached<Arc<Shard>>>>,
     chunks: Mutex<lru::LruCache<Address, Bytes>>,
     fetching: Mutex<HashMap<Address, ChunkFuture>>,
     files: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<OpenFile>>>>,
@@ -175,10 +183,17 @@ impl VolumeFs {
     ) -> Arc<Self> {
         let meta = volumes.meta(&record);
         let owner = meta.keys().data.writer().public();
+        let cache = MetaCache::new(
+            record.name.clone(),
+            meta.clone(),
+            blocks.me().0,
+            super::boot_id(),
+        );
         Arc::new(Self {
             record: Mutex::new(record),
             volumes,
             meta,
+            cache,
             blocks,
             disk_cache,
             read_only,
@@ -203,11 +218,24 @@ impl VolumeFs {
         self.record.lock().expect("record").name.clone()
     }
 
-    /// Checks the volume is readable (its root exists) and loads usage.
+    /// Joins the volume's mounts, checks the volume is readable (its root
+    /// exists) and loads usage.
     pub async fn start(&self) -> Result<(), Errno> {
+        self.cache.start().await.map_err(meta_errno)?;
         self.inode(ROOT_INO).await?;
         self.sync_usage().await;
         Ok(())
+    }
+
+    /// Commits everything and leaves the volume's mounts (unmount).
+    pub async fn stop(&self) {
+        self.commit_all().await;
+        self.cache.stop().await;
+    }
+
+    /// Makes every change made so far durable on its quorum.
+    pub async fn barrier(&self) -> Result<(), Errno> {
+        self.cache.barrier().await.map_err(meta_errno)
     }
 
     fn writable(&self) -> Result<(), Errno> {
@@ -229,13 +257,13 @@ impl VolumeFs {
     pub async fn sync_usage(&self) {
         let pending = std::mem::take(&mut self.usage.lock().expect("usage").pending);
         let result = if pending == Usage::default() {
-            self.meta
+            self.cache
                 .read::<Usage>(USAGE)
                 .await
                 .map(|r| r.map(|(u, _)| u))
         } else {
-            self.meta
-                .update::<Usage, _>(USAGE, None, |cur: Option<&Usage>| {
+            self.cache
+                .update::<Usage, _>(USAGE, |cur: Option<&Usage>| {
                     let mut u = cur.copied().unwrap_or_default();
                     u.add(pending);
                     (Some(u), ())
@@ -244,7 +272,9 @@ impl VolumeFs {
                 .map(|(_, now)| now.map(|(u, _)| u))
         };
         match result {
-            Ok(total) => self.usage.lock().expect("usage").total = total.unwrap_or_default(),
+            Ok(total) => {
+                self.usage.lock().expect("usage").total = total.map(|u| *u).unwrap_or_default()
+            }
             Err(e) => {
                 warn!("volume usage: {e}");
                 self.usage.lock().expect("usage").pending.add(pending);
@@ -286,24 +316,26 @@ impl VolumeFs {
         Meta::<VolumeKeys>::inode_name(ino)
     }
 
-    fn cache_inode(&self, inode: &Inode, block: &MutableBlock) {
+    fn cache_inode(&self, inode: &Inode, version: u64) {
         self.inodes
             .lock()
             .expect("inodes")
-            .insert(inode.ino, (inode.clone(), block.clone(), Instant::now()));
+            .insert(inode.ino, (inode.clone(), version, Instant::now()));
     }
 
-    /// The committed inode, fresh from its quorum.
-    async fn read_inode(&self, ino: u64) -> Result<(Inode, MutableBlock), Errno> {
+    /// The committed inode and its version, fresh from its quorum (or the
+    /// mount's copy, while it holds the volume).
+    async fn read_inode(&self, ino: u64) -> Result<(Inode, u64), Errno> {
         match self
-            .meta
+            .cache
             .read::<Inode>(&Self::inode_name(ino))
             .await
             .map_err(meta_errno)?
         {
-            Some((inode, block)) => {
-                self.cache_inode(&inode, &block);
-                Ok((inode, block))
+            Some((inode, version)) => {
+                let inode = Arc::unwrap_or_clone(inode);
+                self.cache_inode(&inode, version);
+                Ok((inode, version))
             }
             None => Err(Errno::ENOENT),
         }
@@ -337,15 +369,9 @@ impl VolumeFs {
         if let Some(file) = &open {
             self.commit_file(ino, file).await?;
         }
-        let known = self
-            .inodes
-            .lock()
-            .expect("inodes")
-            .get(&ino)
-            .map(|(_, b, _)| b.clone());
         let (result, now) = self
-            .meta
-            .update::<Inode, _>(&Self::inode_name(ino), known, |cur: Option<&Inode>| {
+            .cache
+            .update::<Inode, _>(&Self::inode_name(ino), |cur: Option<&Inode>| {
                 let Some(cur) = cur else {
                     return (None, Err(Errno::ENOENT));
                 };
@@ -361,8 +387,9 @@ impl VolumeFs {
             .await
             .map_err(meta_errno)?;
         result?;
-        let (inode, block) = now.ok_or(Errno::ENOENT)?;
-        self.cache_inode(&inode, &block);
+        let (inode, version) = now.ok_or(Errno::ENOENT)?;
+        let inode = Arc::unwrap_or_clone(inode);
+        self.cache_inode(&inode, version);
         if let Some(file) = open {
             let mut f = file.lock().await;
             let mut next = inode.clone();
@@ -372,7 +399,7 @@ impl VolumeFs {
                 next.size = f.inode.size;
             }
             f.inode = next;
-            f.base = Some(block);
+            f.version = version;
             return Ok(f.inode.clone());
         }
         Ok(inode)
