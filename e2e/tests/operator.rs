@@ -574,9 +574,11 @@ fn operator_against_a_real_apiserver() {
         api.get("secret", "scratch-ca", ns).is_none(),
         "the CA Secret is erased"
     );
-    assert!(
-        api.get("daemonset", "scratch-wipe", ns).is_none(),
-        "the wipe is cleaned up"
+    api.wait_for(
+        ("daemonset", "scratch-wipe", ns),
+        limit,
+        "cleaned up",
+        |o| o.is_none(),
     );
     let events = api.ok(&["get", "events", "-n", NS, "-o", "json"]);
     assert!(events.contains("DataWiped"), "{events}");

@@ -363,6 +363,12 @@ fn deleted<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
 async fn wipe(sc: &StorageCluster, ctx: &Context) -> Result<(), Error> {
     let names = Names::of(sc);
     let client = &ctx.client;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &names.namespace);
+    // The CA Secret goes last: without it the wipe is done, and a second
+    // look at a cluster already gone (a stale cache) must not start it again.
+    if secrets.get_opt(&names.ca).await?.is_none() {
+        return Ok(());
+    }
     let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace);
     deleted(
         daemonsets
@@ -396,11 +402,7 @@ async fn wipe(sc: &StorageCluster, ctx: &Context) -> Result<(), Error> {
         return Err(Error::Wiping(ready, desired));
     }
     deleted(daemonsets.delete(&d.name(), &DeleteParams::default()).await)?;
-    deleted(
-        Api::<Secret>::namespaced(client.clone(), &names.namespace)
-            .delete(&names.ca, &DeleteParams::default())
-            .await,
-    )?;
+    deleted(secrets.delete(&names.ca, &DeleteParams::default()).await)?;
     publish(
         ctx,
         sc,

@@ -23,10 +23,14 @@ impl VolumeFs {
     }
 
     pub(super) fn cache_shard(&self, id: ShardId, shard: &Arc<Shard>, version: u64) {
-        self.shards
-            .lock()
-            .expect("shards")
-            .insert(id, (shard.clone(), version, Instant::now()));
+        let mut shards = self.shards.lock().expect("shards");
+        if shards
+            .insert(id, (shard.clone(), version, Instant::now()))
+            .is_none()
+        {
+            // Split shards never change, and lead lookups to their leaves.
+            prune(&mut shards, |s| matches!(**s, Shard::Split { .. }));
+        }
     }
 
     /// Reads one shard, from cache when allowed (split shards never change).

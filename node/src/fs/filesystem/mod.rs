@@ -103,6 +103,19 @@ impl OpenFile {
 /// A structure as last read or written: its version, and when.
 type Cached<T> = (T, u64, Instant);
 
+/// Entries a cache of inodes or shards grows to before those older than
+/// [`ATTR_TTL`] (which nothing answers from) are dropped.
+const CACHED: usize = 16_384;
+
+/// After an insert that grew a cache: drops, each time its size reaches a
+/// power of two past [`CACHED`], the entries too old to answer from,
+/// except those `keep` says never change.
+fn prune<K, T>(cache: &mut HashMap<K, Cached<T>>, keep: impl Fn(&T) -> bool) {
+    if cache.len() > CACHED && cache.len().is_power_of_two() {
+        cache.retain(|_, (value, _, at)| keep(value) || at.elapsed() < ATTR_TTL);
+    }
+}
+
 /// The directory listing an open directory handle walks through.
 type Listing = Arc<Vec<(Vec<u8>, DirEntry)>>;
 
@@ -317,10 +330,13 @@ impl VolumeFs {
     }
 
     fn cache_inode(&self, inode: &Inode, version: u64) {
-        self.inodes
-            .lock()
-            .expect("inodes")
-            .insert(inode.ino, (inode.clone(), version, Instant::now()));
+        let mut inodes = self.inodes.lock().expect("inodes");
+        if inodes
+            .insert(inode.ino, (inode.clone(), version, Instant::now()))
+            .is_none()
+        {
+            prune(&mut inodes, |_| false);
+        }
     }
 
     /// The committed inode and its version, fresh from its quorum (or the
