@@ -1,11 +1,16 @@
 //! The local block store: one RocksDB per peer under its data dir.
 //!
 //! A block is acknowledged only once its write-ahead log record is synced.
+//! Large blocks (file data chunks) are kept in files of their own, written
+//! and synced once, instead of passing through RocksDB's write-ahead log
+//! and then again into its blob files; RocksDB records a small marker for
+//! them, written after the file is durable.
 //! Capacity is enforced before anything is written, and every read is checked
 //! against the block's address, so a flipped bit on disk is reported as
 //! corruption rather than served.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -41,6 +46,23 @@ fn owned_key(owner: &[u8; 32], address: &Address) -> Vec<u8> {
 fn claim_key(address: &Address, owner: &[u8; 32]) -> Vec<u8> {
     [CLAIM, address.as_bytes().as_slice(), owner.as_slice()].concat()
 }
+/// Blocks this large or larger are kept in files of their own.
+const FILE_MIN: usize = 64 * 1024;
+/// What a marker of a block kept in a file starts with; its length follows.
+const FILE_MARKER: &[u8; 8] = b"shoal:fb";
+
+fn file_marker(len: u64) -> Vec<u8> {
+    [FILE_MARKER.as_slice(), &len.to_le_bytes()].concat()
+}
+
+/// The length of the block at `address` if `value` is the marker of a
+/// block kept in a file. A block whose content is a marker's bytes is its
+/// own address's content, so it is never taken for one.
+fn file_len(address: &Address, value: &[u8]) -> Option<u64> {
+    (value.len() == 16 && value.starts_with(FILE_MARKER) && Address::of(value) != *address)
+        .then(|| u64::from_le_bytes(value[8..].try_into().expect("8 bytes")))
+}
+
 /// Writers of the same address are serialised (so a block is counted once);
 /// writers of different addresses proceed in parallel and share WAL syncs.
 const STRIPES: usize = 64;
@@ -65,6 +87,16 @@ pub enum StoreError {
     Db(String),
 }
 
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            StoreError::DiskFull(e.to_string())
+        } else {
+            StoreError::Db(e.to_string())
+        }
+    }
+}
+
 impl From<rocksdb::Error> for StoreError {
     fn from(e: rocksdb::Error) -> Self {
         let msg = e.into_string();
@@ -79,6 +111,8 @@ impl From<rocksdb::Error> for StoreError {
 /// Immutable blocks stored on this peer.
 pub struct BlockStore {
     db: DB,
+    /// Where blocks kept in files live, by the first byte of the address.
+    files: PathBuf,
     capacity: u64,
     used: AtomicU64,
     stripes: Vec<Mutex<()>>,
@@ -140,6 +174,7 @@ impl BlockStore {
         };
         Ok(Self {
             db,
+            files: dir.join("files"),
             capacity,
             used: AtomicU64::new(used),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -199,15 +234,46 @@ impl BlockStore {
                 used,
                 capacity: self.capacity,
             })?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(blocks, address.as_bytes(), data);
-        batch.merge_cf(meta, KEY_USED, (needed as i64).to_le_bytes());
-        record(&mut batch);
-        if let Err(e) = self.db.write_opt(batch, &sync) {
+        let in_file = data.len() >= FILE_MIN;
+        let written = if in_file {
+            self.write_file(&address, data)
+                .map(|()| file_marker(needed))
+        } else {
+            Ok(data.to_vec())
+        };
+        let result = written.and_then(|value| {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(blocks, address.as_bytes(), value);
+            batch.merge_cf(meta, KEY_USED, (needed as i64).to_le_bytes());
+            record(&mut batch);
+            Ok(self.db.write_opt(batch, &sync)?)
+        });
+        if let Err(e) = result {
             self.used.fetch_sub(needed, Ordering::AcqRel);
-            return Err(e.into());
+            if in_file {
+                let _ = std::fs::remove_file(self.file_path(&address));
+            }
+            return Err(e);
         }
         Ok(address)
+    }
+
+    fn file_path(&self, address: &Address) -> PathBuf {
+        let hex = address.to_string();
+        self.files.join(&hex[..2]).join(hex)
+    }
+
+    /// Writes a block's file; returns once its content and its name are
+    /// durable.
+    fn write_file(&self, address: &Address, data: &[u8]) -> Result<(), StoreError> {
+        let path = self.file_path(address);
+        let dir = path.parent().expect("a file lives in a directory");
+        std::fs::create_dir_all(dir)?;
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(data)?;
+        file.sync_data()?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
     }
 
     /// Drops `owner`'s claims made at or before `issued_ms`, and deletes
@@ -249,12 +315,20 @@ impl BlockStore {
                 .take_while(|(k, _)| k.starts_with(claims))
                 .any(|(k, _)| &k[claims.len()..] != owner.as_slice());
             let mut freed = 0;
-            if !others && let Some(data) = self.db.get_pinned_cf(blocks, address.as_bytes())? {
-                freed = data.len() as u64;
+            let mut in_file = false;
+            if !others && let Some(value) = self.db.get_pinned_cf(blocks, address.as_bytes())? {
+                let len = file_len(&address, &value);
+                in_file = len.is_some();
+                freed = len.unwrap_or(value.len() as u64);
                 batch.delete_cf(blocks, address.as_bytes());
                 batch.merge_cf(meta, KEY_USED, (-(freed as i64)).to_le_bytes());
             }
             self.db.write_opt(batch, &sync)?;
+            if in_file {
+                // Gone from the index first: a crash between leaves a file
+                // no one reads, never a marker without its file.
+                let _ = std::fs::remove_file(self.file_path(&address));
+            }
             if freed > 0 {
                 self.used.fetch_sub(freed, Ordering::AcqRel);
                 freed_blocks += 1;
@@ -267,8 +341,24 @@ impl BlockStore {
     /// Reads a block, verified against its address.
     pub fn get(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError> {
         let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
-        let Some(data) = self.db.get_cf(blocks, address.as_bytes())? else {
+        let Some(value) = self.db.get_cf(blocks, address.as_bytes())? else {
             return Ok(None);
+        };
+        let data = match file_len(address, &value) {
+            None => value,
+            Some(_) => match std::fs::read(self.file_path(address)) {
+                Ok(data) => data,
+                // Deleted meanwhile.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound && !self.contains(address)? =>
+                {
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::Corrupt(*address));
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         block::verify(address, &data).map_err(|_| StoreError::Corrupt(*address))?;
         Ok(Some(data))
@@ -462,6 +552,44 @@ mod tests {
         assert!(err.to_string().starts_with("no space"));
         assert_eq!(store.get(&kept).unwrap().unwrap(), vec![1u8; 60]);
         assert_eq!(store.used(), 60);
+    }
+
+    #[test]
+    fn large_blocks_live_in_files_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path(), 1 << 30).unwrap();
+        let owner = [9u8; 32];
+        let claim = Some(Claim {
+            owner,
+            at_ms: 1,
+            replicas: 0,
+        });
+        let big: Vec<u8> = (0..FILE_MIN as u32 * 3).map(|i| (i % 251) as u8).collect();
+        let a = store.put_owned(&big, claim).unwrap();
+        let path = store.file_path(&a);
+        assert_eq!(std::fs::read(&path).unwrap(), big);
+        assert_eq!(store.get(&a).unwrap().unwrap(), big);
+        assert_eq!(store.used(), big.len() as u64);
+        // A block whose bytes are a marker is plain data, not a file.
+        let lookalike = store.put(&file_marker(5)).unwrap();
+        assert_eq!(store.get(&lookalike).unwrap().unwrap(), file_marker(5));
+        // A flipped bit in the file is reported, not served.
+        let mut flipped = big.clone();
+        flipped[7] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(matches!(store.get(&a), Err(StoreError::Corrupt(_))));
+        std::fs::write(&path, &big).unwrap();
+        // Reopened, then deleted: the file goes with the block.
+        drop(store);
+        let store = BlockStore::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(store.get(&a).unwrap().unwrap(), big);
+        assert_eq!(
+            store.delete_owned(&owner, 2).unwrap(),
+            (1, big.len() as u64)
+        );
+        assert!(!path.exists());
+        assert_eq!(store.get(&a).unwrap(), None);
+        assert_eq!(store.used(), 16);
     }
 
     #[test]
