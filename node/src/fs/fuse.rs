@@ -195,6 +195,10 @@ impl fuser::Filesystem for ShoalFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
         let n = name(n);
+        // What memory answers is answered on the spot: no task, no hand-over.
+        if let Some(r) = self.fs.lookup_held(parent.0, &n) {
+            return entry(reply)(r);
+        }
         self.spawn(
             move |fs| async move { fs.lookup(parent.0, &n).await },
             entry(reply),
@@ -202,6 +206,9 @@ impl fuser::Filesystem for ShoalFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(r) = self.fs.inode_held(ino.0) {
+            return attr_reply(reply)(r);
+        }
         self.spawn(
             move |fs| async move { fs.inode(ino.0).await },
             attr_reply(reply),
@@ -680,6 +687,10 @@ impl fuser::Filesystem for ShoalFuse {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
         let n = name(n);
+        if let Some(r) = self.fs.inode_held(ino.0) {
+            let value = r.and_then(|mut i| i.xattrs.remove(&n).ok_or(Errno::NO_XATTR));
+            return xattr_reply(reply, size, value);
+        }
         self.spawn(
             move |fs| async move {
                 fs.inode(ino.0)

@@ -476,6 +476,19 @@ impl MetaCache {
             .and_then(|s| s.committed.clone())
     }
 
+    /// A block's value and version if the copy holds it now (the mount
+    /// holds the volume), without waiting for anything: `Some(None)` if the
+    /// block does not exist.
+    pub fn held<T: Send + Sync + 'static>(&self, what: &[u8]) -> Option<Option<(Arc<T>, u64)>> {
+        let mode = self.mode.try_read().ok()?;
+        if !mode.exclusive || Instant::now() >= mode.trusted_until {
+            return None;
+        }
+        let slots = self.slots.lock().expect("slots");
+        let (value, version) = slots.get(what)?.current.as_ref()?;
+        Some(value.as_ref().map(|v| (typed::<T>(v), *version)))
+    }
+
     /// A block's value and version.
     pub async fn read<T: Sealed + Send + Sync + 'static>(
         &self,

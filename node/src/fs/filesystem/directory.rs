@@ -189,6 +189,37 @@ impl VolumeFs {
 
     /// Looks up `name` in `parent`; an entry whose inode was never
     /// committed does not exist yet.
+    /// [`Self::lookup`] if memory answers for it now, without waiting.
+    pub fn lookup_held(&self, parent: u64, name: &[u8]) -> Option<Result<Inode, Errno>> {
+        if name.len() > NAME_MAX {
+            return Some(Err(Errno::ENAMETOOLONG));
+        }
+        let id = self.leaf_id(parent, self.name_hash(name));
+        let fresh = self
+            .shards
+            .lock()
+            .expect("shards")
+            .get(&id)
+            .filter(|(_, _, at)| at.elapsed() < ATTR_TTL)
+            .map(|(shard, _, _)| shard.clone());
+        let shard = match fresh {
+            Some(shard) => shard,
+            None => {
+                let (shard, version) = self.cache.held::<Shard>(&id.salt_input())??;
+                self.cache_shard(id, &shard, version);
+                shard
+            }
+        };
+        match &*shard {
+            Shard::Leaf(entries) => match entries.get(name) {
+                Some(entry) => self.inode_held(entry.ino),
+                None => Some(Err(Errno::ENOENT)),
+            },
+            // Split since it was cached: the slow path follows it.
+            Shard::Split { .. } => None,
+        }
+    }
+
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Inode, Errno> {
         if name.len() > NAME_MAX {
             return Err(Errno::ENAMETOOLONG);

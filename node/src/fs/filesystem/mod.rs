@@ -359,6 +359,27 @@ impl VolumeFs {
 
     /// The inode as this mount sees it: an open file's working copy, else a
     /// cached copy younger than [`ATTR_TTL`], else fresh.
+    /// [`Self::inode`] if memory answers for it now, without waiting.
+    pub fn inode_held(&self, ino: u64) -> Option<Result<Inode, Errno>> {
+        let open = self.files.lock().expect("files").get(&ino).cloned();
+        if let Some(file) = open {
+            return Some(Ok(file.try_lock().ok()?.inode.clone()));
+        }
+        if let Some((inode, _, at)) = self.inodes.lock().expect("inodes").get(&ino)
+            && at.elapsed() < ATTR_TTL
+        {
+            return Some(Ok(inode.clone()));
+        }
+        Some(match self.cache.held::<Inode>(&Self::inode_name(ino))? {
+            Some((inode, version)) => {
+                let inode = Arc::unwrap_or_clone(inode);
+                self.cache_inode(&inode, version);
+                Ok(inode)
+            }
+            None => Err(Errno::ENOENT),
+        })
+    }
+
     pub async fn inode(&self, ino: u64) -> Result<Inode, Errno> {
         let open = self.files.lock().expect("files").get(&ino).cloned();
         if let Some(file) = open {
