@@ -51,6 +51,11 @@ pub trait Sealed: Sized {
     fn rank(&self) -> u8 {
         0
     }
+    /// Whether a block in this state that never reached its quorum need
+    /// not reach it at all (nothing can refer to it any more).
+    fn vanished(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! sealed {
@@ -78,8 +83,21 @@ impl Sealed for shoal_core::fs::Shard {
     }
 }
 
+/// An inode whose last link went: a file created and removed before its
+/// mount committed it never reaches the cluster.
+impl Sealed for shoal_core::fs::Inode {
+    fn to_bytes(&self) -> Vec<u8> {
+        shoal_core::fs::Inode::to_bytes(self)
+    }
+    fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError> {
+        shoal_core::fs::Inode::from_bytes(bytes)
+    }
+    fn vanished(&self) -> bool {
+        self.nlink == 0
+    }
+}
+
 sealed!(
-    shoal_core::fs::Inode,
     shoal_core::fs::SessionTable,
     shoal_core::fs::Usage,
     shoal_core::fs::VolumeRecord,

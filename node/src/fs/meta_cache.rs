@@ -93,6 +93,8 @@ struct Slot {
     dirty: Option<u64>,
     encode: fn(&Value) -> Vec<u8>,
     rank: u8,
+    /// The value need not be written if the block never was.
+    vanished: bool,
     /// Not written yet and named by a number drawn at random.
     unique: bool,
 }
@@ -106,6 +108,7 @@ impl Slot {
             dirty: None,
             encode: |_| Vec::new(),
             rank: 0,
+            vanished: false,
             unique: false,
         }
     }
@@ -567,6 +570,7 @@ impl MetaCache {
         unique: bool,
     ) {
         slot.rank = value.rank();
+        slot.vanished = value.vanished();
         slot.current = Some((Some(value), version));
         slot.encode = encode_as::<T>;
         slot.unique |= unique;
@@ -696,27 +700,35 @@ impl MetaCache {
     /// Writes every changed block, lower ranks first.
     async fn flush(&self) -> Result<(), MetaError> {
         let _one = self.flush_lock.lock().await;
-        let mut pending: Vec<Pending> = self
-            .slots
-            .lock()
-            .expect("slots")
-            .iter()
-            .filter_map(|(what, s)| {
-                let seq = s.dirty?;
-                let (Some(value), _) = s.current.as_ref()? else {
-                    return None;
-                };
-                Some(Pending {
-                    what: what.clone(),
-                    committed: s.committed.clone(),
-                    value: value.clone(),
-                    encode: s.encode,
-                    rank: s.rank,
-                    unique: s.unique,
-                    seq,
+        let mut pending: Vec<Pending> = {
+            let mut slots = self.slots.lock().expect("slots");
+            // Never written and gone already: nothing to write or keep.
+            slots.retain(|_, s| {
+                let skip = s.unique && s.vanished && s.dirty.is_some();
+                if skip {
+                    self.dirty.fetch_sub(1, Ordering::Relaxed);
+                }
+                !skip
+            });
+            slots
+                .iter()
+                .filter_map(|(what, s)| {
+                    let seq = s.dirty?;
+                    let (Some(value), _) = s.current.as_ref()? else {
+                        return None;
+                    };
+                    Some(Pending {
+                        what: what.clone(),
+                        committed: s.committed.clone(),
+                        value: value.clone(),
+                        encode: s.encode,
+                        rank: s.rank,
+                        unique: s.unique,
+                        seq,
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
         pending.sort_by_key(|p| p.rank);
         let mut failure = None;
         while !pending.is_empty() {
