@@ -59,45 +59,32 @@ pub trait Sealed: Sized {
 }
 
 macro_rules! sealed {
-    ($($t:ty),*) => {$(
+    ($($t:ty $({ $($extra:item)* })?),* $(,)?) => {$(
         impl Sealed for $t {
             fn to_bytes(&self) -> Vec<u8> { <$t>::to_bytes(self) }
             fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError> { <$t>::from_bytes(bytes) }
+            $($($extra)*)?
         }
     )*};
 }
 
-/// Leaves name inodes, and a split shard names its leaves.
-impl Sealed for shoal_core::fs::Shard {
-    fn to_bytes(&self) -> Vec<u8> {
-        shoal_core::fs::Shard::to_bytes(self)
-    }
-    fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError> {
-        shoal_core::fs::Shard::from_bytes(bytes)
-    }
-    fn rank(&self) -> u8 {
-        match self {
-            shoal_core::fs::Shard::Leaf(_) => 1,
-            shoal_core::fs::Shard::Split { .. } => 2,
-        }
-    }
-}
-
-/// An inode whose last link went: a file created and removed before its
-/// mount committed it never reaches the cluster.
-impl Sealed for shoal_core::fs::Inode {
-    fn to_bytes(&self) -> Vec<u8> {
-        shoal_core::fs::Inode::to_bytes(self)
-    }
-    fn from_bytes(bytes: &[u8]) -> Result<Self, shoal_core::fs::FsError> {
-        shoal_core::fs::Inode::from_bytes(bytes)
-    }
-    fn vanished(&self) -> bool {
-        self.nlink == 0
-    }
-}
-
 sealed!(
+    // An inode whose last link went: a file created and removed before
+    // its mount committed it never reaches the cluster.
+    shoal_core::fs::Inode {
+        fn vanished(&self) -> bool {
+            self.nlink == 0
+        }
+    },
+    // Leaves name inodes, and a split shard names its leaves.
+    shoal_core::fs::Shard {
+        fn rank(&self) -> u8 {
+            match self {
+                shoal_core::fs::Shard::Leaf(_) => 1,
+                shoal_core::fs::Shard::Split { .. } => 2,
+            }
+        }
+    },
     shoal_core::fs::SessionTable,
     shoal_core::fs::Usage,
     shoal_core::fs::VolumeRecord,
