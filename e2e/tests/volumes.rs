@@ -273,6 +273,33 @@ async fn a_lone_mount_writes_back_and_hands_the_volume_over() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dead_holder_keeps_what_it_fsynced_and_lets_others_in_once_its_session_expires() {
+    let mut cluster = TestCluster::start(&spread(4, 4), 3).await.unwrap();
+    cluster.create_volume(0, "held", "10GiB").unwrap();
+    let a = cluster.mount(0, "held", "mnt-a").unwrap();
+    {
+        let mut f = File::create(a.dir.join("synced")).unwrap();
+        f.write_all(b"made durable by fsync").unwrap();
+        f.sync_all().unwrap();
+    }
+    // Killed while holding the volume, without a chance to commit more.
+    cluster.kill(0);
+    drop(a.abandon());
+    let started = Instant::now();
+    let b = cluster.mount(1, "held", "mnt-b").unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(30),
+        "the dead holder's session must expire, not block: {waited:?}"
+    );
+    assert_eq!(
+        fs::read_to_string(b.dir.join("synced")).unwrap(),
+        "made durable by fsync"
+    );
+    fs::write(b.dir.join("after"), "the volume is usable").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn fsynced_data_survives_sigkill_of_the_mount_and_two_more_peers() {
     let mut cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
     cluster.create_volume(0, "durable", "10GiB").unwrap();
