@@ -542,7 +542,7 @@ impl Consensus<ClusterNetwork> {
             .network
             .blocks
             .store()
-            .with_acceptor(address, |stored| {
+            .with_acceptor(address, true, |stored| {
                 let state = stored
                     .and_then(|b| pb::AcceptorState::decode(b).ok())
                     .and_then(|s| wire::acceptor_from_wire(s).ok());
@@ -628,7 +628,12 @@ pub fn serve(
             }));
         }
     };
-    let result = blocks.store().with_acceptor(&address, |stored| {
+    // A learned chosen state may be lost in a crash: the acceptor then
+    // holds the (synced) proposal it accepted, an earlier valid state, and
+    // learns the choice again from the next request. Promises and accepted
+    // proposals are synced before the reply.
+    let durable = !matches!(request, Request::Commit { .. });
+    let result = blocks.store().with_acceptor(&address, durable, |stored| {
         let acceptor = match stored.map(pb::AcceptorState::decode) {
             None => Ok(Acceptor::default()),
             Some(Ok(state)) => wire::acceptor_from_wire(state).map_err(|e| e.to_string()),

@@ -393,10 +393,12 @@ impl BlockStore {
     /// Reads and updates the acceptor state of the mutable block at
     /// `address` atomically with respect to other updates of it: `update`
     /// gets the stored bytes (if any) and returns new bytes to store (synced
-    /// before this returns) or `None` to leave them, plus a result.
+    /// before this returns if `durable`, else only written) or `None` to
+    /// leave them, plus a result.
     pub fn with_acceptor<R>(
         &self,
         address: &Address,
+        durable: bool,
         update: impl FnOnce(Option<&[u8]>) -> (Option<Vec<u8>>, R),
     ) -> Result<R, StoreError> {
         let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
@@ -407,7 +409,7 @@ impl BlockStore {
         let (new, result) = update(current.as_deref());
         if let Some(new) = new {
             let mut sync = WriteOptions::default();
-            sync.set_sync(true);
+            sync.set_sync(durable);
             self.db.put_cf_opt(cf, address.as_bytes(), new, &sync)?;
         }
         Ok(result)
