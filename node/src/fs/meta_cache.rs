@@ -76,6 +76,14 @@ fn typed<T: Send + Sync + 'static>(value: &Value) -> Arc<T> {
     Arc::downcast::<T>(value.clone()).unwrap_or_else(|_| unreachable!("a block holds one type"))
 }
 
+/// Drops the unchanged blocks of a full copy (they read again from their
+/// quorum).
+fn make_room(slots: &mut HashMap<Vec<u8>, Slot>) {
+    if slots.len() >= MAX_SLOTS {
+        slots.retain(|_, s| s.dirty.is_some());
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -443,9 +451,7 @@ impl MetaCache {
             None => (None, None),
         };
         let mut slots = self.slots.lock().expect("slots");
-        if slots.len() >= MAX_SLOTS {
-            slots.retain(|_, s| s.dirty.is_some());
-        }
+        make_room(&mut slots);
         match slots.get_mut(what) {
             // A change made meanwhile is newer than what was read.
             Some(slot) if slot.current.is_some() => {}
@@ -459,16 +465,12 @@ impl MetaCache {
 
     fn remember(&self, what: &[u8], block: &MutableBlock) {
         let mut slots = self.slots.lock().expect("slots");
-        if slots.len() >= MAX_SLOTS {
-            slots.retain(|_, s| s.dirty.is_some());
-        }
-        slots
+        make_room(&mut slots);
+        let slot = slots
             .entry(what.to_vec())
-            .or_insert_with(|| Slot::from_quorum(None, None))
-            .committed = Some(block.clone());
-        if let Some(s) = slots.get_mut(what) {
-            s.current = None;
-        }
+            .or_insert_with(|| Slot::from_quorum(None, None));
+        slot.committed = Some(block.clone());
+        slot.current = None;
     }
 
     fn known(&self, what: &[u8]) -> Option<MutableBlock> {
