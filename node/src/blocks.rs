@@ -403,7 +403,7 @@ impl Blocks {
         }
         let request = PeerRequest {
             kind: Some(peer_request::Kind::PutBlocks(PutBlocks {
-                blocks: indices.iter().map(|&i| blocks[i].to_vec()).collect(),
+                blocks: indices.iter().map(|&i| blocks[i].clone()).collect(),
                 owner: owner.map(|o| o.0.to_vec()).unwrap_or_default(),
                 replicas,
             })),
@@ -553,7 +553,7 @@ impl Blocks {
                 .zip(addresses)
                 .map(|(r, address)| match r.result {
                     Some(block_result::Result::Data(data)) => match block::verify(address, &data) {
-                        Ok(()) => Ok(Bytes::from(data)),
+                        Ok(()) => Ok(data),
                         Err(e) => Err(Miss::Failed(format!("served a forged block: {e}"))),
                     },
                     Some(block_result::Result::Error(e)) if e.code() == ErrorCode::NotFound => {
@@ -705,7 +705,7 @@ impl Blocks {
                 };
                 match self.store.get(&address) {
                     Ok(Some(data)) => BlockResult {
-                        result: Some(block_result::Result::Data(data)),
+                        result: Some(block_result::Result::Data(Bytes::from(data))),
                     },
                     Ok(None) => {
                         error_result(ErrorCode::NotFound, format!("block {address} not found"))

@@ -77,6 +77,10 @@ pub struct Transport {
     unreachable: Mutex<HashSet<SocketAddr>>,
 }
 
+/// The largest UDP payload MTU discovery probes for: loopback's 64 KiB MTU
+/// less the IP and UDP headers, with room to spare.
+const MAX_UDP_PAYLOAD: u16 = 65_000;
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
@@ -85,11 +89,12 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.send_window(128 << 20);
     t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
     t.datagram_receive_buffer_size(Some(1 << 20));
-    // Probe up to jumbo frames: storage networks often have them, and a
-    // 1 MiB block then takes a sixth of the packets. Paths without them stop
-    // at what they carry.
+    // Probe up to what loopback carries (peers sharing a machine) and past
+    // jumbo frames (storage networks often have them): a 1 MiB block then
+    // takes a sixth of the packets, or a fortieth. Paths that carry less
+    // stop at what they carry.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(8952);
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
@@ -205,7 +210,7 @@ impl Transport {
                 .open_bi()
                 .await
                 .map_err(|e| stream_err(e.to_string()))?;
-            send.write_all(&request.encode_to_vec())
+            send.write_chunk(Bytes::from(request.encode_to_vec()))
                 .await
                 .map_err(|e| stream_err(e.to_string()))?;
             send.finish().map_err(|e| stream_err(e.to_string()))?;
@@ -213,7 +218,7 @@ impl Transport {
                 .read_to_end(MAX_MESSAGE)
                 .await
                 .map_err(|e| stream_err(e.to_string()))?;
-            PeerResponse::decode(bytes.as_slice()).map_err(|e| TransportError::Decode {
+            PeerResponse::decode(Bytes::from(bytes)).map_err(|e| TransportError::Decode {
                 addr,
                 reason: e.to_string(),
             })
@@ -295,14 +300,18 @@ async fn serve_connection<H: Handler>(
                 Ok(bytes) => bytes,
                 Err(e) => return debug!("request stream from {from}: {e}"),
             };
-            let response = match PeerRequest::decode(request.as_slice()) {
+            let response = match PeerRequest::decode(Bytes::from(request)) {
                 Ok(request) => handler.handle(from, request).await,
                 Err(e) => crate::blocks::error_response(
                     shoal_proto::peer::ErrorCode::Invalid,
                     format!("malformed request: {e}"),
                 ),
             };
-            if send.write_all(&response.encode_to_vec()).await.is_ok() {
+            if send
+                .write_chunk(Bytes::from(response.encode_to_vec()))
+                .await
+                .is_ok()
+            {
                 let _ = send.finish();
                 // Let the peer read the whole response before the stream goes.
                 let _ = send.stopped().await;

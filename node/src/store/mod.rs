@@ -1,22 +1,25 @@
 //! The local block store: one RocksDB per peer under its data dir.
 //!
 //! A block is acknowledged only once its write-ahead log record is synced.
-//! Large blocks (file data chunks) are kept in files of their own, written
+//! Large blocks (file data chunks) are appended to segment files, written
 //! and synced once, instead of passing through RocksDB's write-ahead log
-//! and then again into its blob files; RocksDB records a small marker for
-//! them, written after the file is durable.
+//! and then again into its blob files; RocksDB records where they lie,
+//! after their bytes are durable.
 //! Capacity is enforced before anything is written, and every read is checked
 //! against the block's address, so a flipped bit on disk is reported as
 //! corruption rather than served.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+mod segments;
+
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, MergeOperands, Options, WriteBatch, WriteOptions};
 use shoal_core::Address;
 use shoal_core::block::{self, BlockError};
+
+use segments::{Extent, Segments};
 
 const CF_BLOCKS: &str = "blocks";
 const CF_META: &str = "meta";
@@ -46,21 +49,25 @@ fn owned_key(owner: &[u8; 32], address: &Address) -> Vec<u8> {
 fn claim_key(address: &Address, owner: &[u8; 32]) -> Vec<u8> {
     [CLAIM, address.as_bytes().as_slice(), owner.as_slice()].concat()
 }
-/// Blocks this large or larger are kept in files of their own.
-const FILE_MIN: usize = 64 * 1024;
-/// What a marker of a block kept in a file starts with; its length follows.
-const FILE_MARKER: &[u8; 8] = b"shoal:fb";
+/// Blocks this large or larger (file data chunks) are kept in segment
+/// files, not in RocksDB.
+const SEGMENT_MIN: usize = 64 * 1024;
+/// What the index entry of a block kept in a segment starts with; its
+/// [`Extent`] follows.
+const SEGMENT_MARKER: &[u8; 8] = b"shoal:sg";
 
-fn file_marker(len: u64) -> Vec<u8> {
-    [FILE_MARKER.as_slice(), &len.to_le_bytes()].concat()
+fn segment_marker(extent: &Extent) -> Vec<u8> {
+    [SEGMENT_MARKER.as_slice(), &extent.encode()].concat()
 }
 
-/// The length of the block at `address` if `value` is the marker of a
-/// block kept in a file. A block whose content is a marker's bytes is its
-/// own address's content, so it is never taken for one.
-fn file_len(address: &Address, value: &[u8]) -> Option<u64> {
-    (value.len() == 16 && value.starts_with(FILE_MARKER) && Address::of(value) != *address)
-        .then(|| u64::from_le_bytes(value[8..].try_into().expect("8 bytes")))
+/// Where the block at `address` lies if `value`, its index entry, is the
+/// marker of a block kept in a segment. A block whose content is a marker's
+/// bytes is its own address's content, so it is never taken for one.
+fn extent(address: &Address, value: &[u8]) -> Option<Extent> {
+    value
+        .strip_prefix(SEGMENT_MARKER.as_slice())
+        .and_then(Extent::decode)
+        .filter(|_| Address::of(value) != *address)
 }
 
 /// Writers of the same address are serialised (so a block is counted once);
@@ -111,8 +118,8 @@ impl From<rocksdb::Error> for StoreError {
 /// Immutable blocks stored on this peer.
 pub struct BlockStore {
     db: DB,
-    /// Where blocks kept in files live, by the first byte of the address.
-    files: PathBuf,
+    /// Where large blocks live.
+    segments: Segments,
     capacity: u64,
     used: AtomicU64,
     stripes: Vec<Mutex<()>>,
@@ -174,7 +181,7 @@ impl BlockStore {
         };
         Ok(Self {
             db,
-            files: dir.join("files"),
+            segments: Segments::open(&dir.join("segments"))?,
             capacity,
             used: AtomicU64::new(used),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -234,46 +241,33 @@ impl BlockStore {
                 used,
                 capacity: self.capacity,
             })?;
-        let in_file = data.len() >= FILE_MIN;
-        let written = if in_file {
-            self.write_file(&address, data)
-                .map(|()| file_marker(needed))
+        let in_segment = data.len() >= SEGMENT_MIN;
+        let written = if in_segment {
+            self.segments
+                .append(data)
+                .map(|e| (segment_marker(&e), Some(e)))
         } else {
-            Ok(data.to_vec())
+            Ok((data.to_vec(), None))
         };
-        let result = written.and_then(|value| {
-            let mut batch = WriteBatch::default();
-            batch.put_cf(blocks, address.as_bytes(), value);
-            batch.merge_cf(meta, KEY_USED, (needed as i64).to_le_bytes());
-            record(&mut batch);
-            Ok(self.db.write_opt(batch, &sync)?)
-        });
+        let result = written
+            .map_err(StoreError::from)
+            .and_then(|(value, extent)| {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(blocks, address.as_bytes(), value);
+                batch.merge_cf(meta, KEY_USED, (needed as i64).to_le_bytes());
+                record(&mut batch);
+                self.db.write_opt(batch, &sync).map_err(|e| {
+                    if let Some(extent) = extent {
+                        let _ = self.segments.free(&extent);
+                    }
+                    StoreError::from(e)
+                })
+            });
         if let Err(e) = result {
             self.used.fetch_sub(needed, Ordering::AcqRel);
-            if in_file {
-                let _ = std::fs::remove_file(self.file_path(&address));
-            }
             return Err(e);
         }
         Ok(address)
-    }
-
-    fn file_path(&self, address: &Address) -> PathBuf {
-        let hex = address.to_string();
-        self.files.join(&hex[..2]).join(hex)
-    }
-
-    /// Writes a block's file; returns once its content and its name are
-    /// durable.
-    fn write_file(&self, address: &Address, data: &[u8]) -> Result<(), StoreError> {
-        let path = self.file_path(address);
-        let dir = path.parent().expect("a file lives in a directory");
-        std::fs::create_dir_all(dir)?;
-        let mut file = std::fs::File::create(&path)?;
-        file.write_all(data)?;
-        file.sync_data()?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
     }
 
     /// Drops `owner`'s claims made at or before `issued_ms`, and deletes
@@ -315,19 +309,20 @@ impl BlockStore {
                 .take_while(|(k, _)| k.starts_with(claims))
                 .any(|(k, _)| &k[claims.len()..] != owner.as_slice());
             let mut freed = 0;
-            let mut in_file = false;
+            let mut in_segment = None;
             if !others && let Some(value) = self.db.get_pinned_cf(blocks, address.as_bytes())? {
-                let len = file_len(&address, &value);
-                in_file = len.is_some();
-                freed = len.unwrap_or(value.len() as u64);
+                in_segment = extent(&address, &value);
+                freed = in_segment.map_or(value.len() as u64, |e| e.len);
                 batch.delete_cf(blocks, address.as_bytes());
                 batch.merge_cf(meta, KEY_USED, (-(freed as i64)).to_le_bytes());
             }
             self.db.write_opt(batch, &sync)?;
-            if in_file {
-                // Gone from the index first: a crash between leaves a file
-                // no one reads, never a marker without its file.
-                let _ = std::fs::remove_file(self.file_path(&address));
+            if let Some(extent) = in_segment {
+                // Gone from the index first: a crash between leaves a range
+                // no one reads, never an index entry without its bytes.
+                if let Err(e) = self.segments.free(&extent) {
+                    tracing::warn!("cannot give back the space of block {address}: {e}");
+                }
             }
             if freed > 0 {
                 self.used.fetch_sub(freed, Ordering::AcqRel);
@@ -344,24 +339,31 @@ impl BlockStore {
         let Some(value) = self.db.get_cf(blocks, address.as_bytes())? else {
             return Ok(None);
         };
-        let data = match file_len(address, &value) {
+        let data = match extent(address, &value) {
             None => value,
-            Some(_) => match std::fs::read(self.file_path(address)) {
+            Some(extent) => match self.segments.read(&extent) {
                 Ok(data) => data,
-                // Deleted meanwhile.
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::NotFound && !self.contains(address)? =>
-                {
-                    return Ok(None);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::Corrupt(*address));
+                // Cut short: deleted meanwhile, or damaged.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return self.gone_or_corrupt(address);
                 }
                 Err(e) => return Err(e.into()),
             },
         };
-        block::verify(address, &data).map_err(|_| StoreError::Corrupt(*address))?;
+        if block::verify(address, &data).is_err() {
+            return self.gone_or_corrupt(address);
+        }
         Ok(Some(data))
+    }
+
+    /// A block whose bytes did not check out: deleted while it was read
+    /// (its range already punched out), or corrupt.
+    fn gone_or_corrupt(&self, address: &Address) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.contains(address)? {
+            Err(StoreError::Corrupt(*address))
+        } else {
+            Ok(None)
+        }
     }
 
     /// The owners that claim a block, with the replicas each keeps.
@@ -557,7 +559,7 @@ mod tests {
     }
 
     #[test]
-    fn large_blocks_live_in_files_of_their_own() {
+    fn large_blocks_live_in_segments() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlockStore::open(dir.path(), 1 << 30).unwrap();
         let owner = [9u8; 32];
@@ -566,22 +568,26 @@ mod tests {
             at_ms: 1,
             replicas: 0,
         });
-        let big: Vec<u8> = (0..FILE_MIN as u32 * 3).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..SEGMENT_MIN as u32 * 3)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let a = store.put_owned(&big, claim).unwrap();
-        let path = store.file_path(&a);
-        assert_eq!(std::fs::read(&path).unwrap(), big);
+        let blocks = store.db.cf_handle(CF_BLOCKS).unwrap();
+        let entry = store.db.get_cf(blocks, a.as_bytes()).unwrap().unwrap();
+        let at = extent(&a, &entry).expect("kept in a segment");
+        assert_eq!(store.segments.read(&at).unwrap(), big);
         assert_eq!(store.get(&a).unwrap().unwrap(), big);
         assert_eq!(store.used(), big.len() as u64);
-        // A block whose bytes are a marker is plain data, not a file.
-        let lookalike = store.put(&file_marker(5)).unwrap();
-        assert_eq!(store.get(&lookalike).unwrap().unwrap(), file_marker(5));
-        // A flipped bit in the file is reported, not served.
+        // A block whose bytes are a marker is plain data, not an extent.
+        let lookalike = store.put(&segment_marker(&at)).unwrap();
+        assert_eq!(store.get(&lookalike).unwrap().unwrap(), segment_marker(&at));
+        // A flipped bit in the segment is reported, not served.
         let mut flipped = big.clone();
         flipped[7] ^= 1;
-        std::fs::write(&path, &flipped).unwrap();
+        store.segments.corrupt_for_test(&at, &flipped);
         assert!(matches!(store.get(&a), Err(StoreError::Corrupt(_))));
-        std::fs::write(&path, &big).unwrap();
-        // Reopened, then deleted: the file goes with the block.
+        store.segments.corrupt_for_test(&at, &big);
+        // Reopened, then deleted: the range is given back.
         drop(store);
         let store = BlockStore::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(store.get(&a).unwrap().unwrap(), big);
@@ -589,9 +595,12 @@ mod tests {
             store.delete_owned(&owner, 2).unwrap(),
             (1, big.len() as u64)
         );
-        assert!(!path.exists());
+        assert_eq!(store.segments.read(&at).unwrap(), vec![0; big.len()]);
         assert_eq!(store.get(&a).unwrap(), None);
-        assert_eq!(store.used(), 16);
+        assert_eq!(
+            store.used(),
+            (SEGMENT_MARKER.len() + Extent::ENCODED_LEN) as u64
+        );
     }
 
     #[test]
