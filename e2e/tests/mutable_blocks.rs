@@ -39,19 +39,31 @@ fn accept(
     entry: pb::MutableBlock,
 ) -> PeerRequest {
     PeerRequest {
-        kind: Some(peer_request::Kind::Paxos(pb::PaxosRequest {
-            address: address.0.to_vec(),
-            kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
-                ballot: Some(pb::Ballot {
-                    round: u64::MAX,
-                    node: vec![0xEE; 16],
-                }),
-                base: Some(base),
-                entry: Some(pb::LogEntry {
-                    kind: Some(pb::log_entry::Kind::Write(entry)),
-                }),
-            })),
+        kind: Some(peer_request::Kind::Paxos(pb::PaxosBatch {
+            requests: vec![pb::PaxosRequest {
+                address: address.0.to_vec(),
+                kind: Some(pb::paxos_request::Kind::Accept(pb::Accept {
+                    ballot: Some(pb::Ballot {
+                        round: u64::MAX,
+                        node: vec![0xEE; 16],
+                    }),
+                    base: Some(base),
+                    entry: Some(pb::LogEntry {
+                        kind: Some(pb::log_entry::Kind::Write(entry)),
+                    }),
+                })),
+            }],
         })),
+    }
+}
+
+/// The one reply to a batch of one Paxos request.
+fn only_reply(response: shoal_proto::peer::PeerResponse) -> Option<pb::paxos_reply::Kind> {
+    match response.kind {
+        Some(peer_response::Kind::Paxos(mut batch)) if batch.replies.len() == 1 => {
+            batch.replies.pop().and_then(|r| r.kind)
+        }
+        _ => None,
     }
 }
 
@@ -171,10 +183,10 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
                     &accept(&v1.address, base.clone(), forged.clone()),
                 )
                 .await?;
-            match reply.kind {
-                Some(peer_response::Kind::Paxos(pb::PaxosReply {
-                    kind: Some(paxos_reply::Kind::Invalid(reason)),
-                })) => assert!(reason.contains("does not verify"), "{reason}"),
+            match only_reply(reply) {
+                Some(paxos_reply::Kind::Invalid(reason)) => {
+                    assert!(reason.contains("does not verify"), "{reason}")
+                }
                 other => panic!("forged version not refused: {other:?}"),
             }
         }
@@ -208,11 +220,10 @@ async fn a_malicious_peer_cannot_get_forged_or_unauthorised_versions_accepted() 
                     &accept(&v1.address, base.clone(), wire::block_to_wire(&v1)),
                 )
                 .await?;
+            let reply = only_reply(reply);
             let refused = matches!(
-                reply.kind,
-                Some(peer_response::Kind::Paxos(pb::PaxosReply {
-                    kind: Some(paxos_reply::Kind::Invalid(_) | paxos_reply::Kind::Rejected(_)),
-                }))
+                reply,
+                Some(paxos_reply::Kind::Invalid(_) | paxos_reply::Kind::Rejected(_))
             );
             assert!(refused, "replayed version not refused: {reply:?}");
         }

@@ -22,7 +22,7 @@ use shoal_core::paxos::{
 };
 use shoal_core::{Address, NodeId, NodeState};
 use shoal_proto::peer::{self as pb, PeerRequest, PeerResponse, peer_request, peer_response};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::blocks::Blocks;
@@ -114,17 +114,40 @@ pub trait Network: Send + Sync + 'static {
     fn request(&self, to: NodeId, address: Address, request: Request<MutableBlock>) -> ReplyFuture;
 }
 
+/// Most Paxos requests one message to an acceptor carries.
+const MAX_BATCH: usize = 256;
+
+/// A request waiting for its batch, and where its reply goes.
+type Queued = (
+    Address,
+    Request<MutableBlock>,
+    oneshot::Sender<Reply<MutableBlock>>,
+);
+
+/// Paxos requests waiting to go to one acceptor. One batch to it is out at
+/// a time and the next gathers meanwhile, so a busy proposer (a mount
+/// committing thousands of blocks) sends a few large messages that the
+/// acceptor syncs once each, and an idle one waits for nothing.
+type Outboxes = Arc<Mutex<HashMap<NodeId, Vec<Queued>>>>;
+
 /// The cluster: acceptors are the peers, reached over the QUIC transport
 /// (or directly, for this peer itself).
 #[derive(Debug)]
 pub struct ClusterNetwork {
     me: NodeId,
     blocks: Arc<Blocks>,
+    /// Requests waiting for the batch in flight to each acceptor; an
+    /// acceptor with an entry has a batch in flight.
+    outboxes: Outboxes,
 }
 
 impl ClusterNetwork {
     pub fn new(me: NodeId, blocks: Arc<Blocks>) -> Self {
-        Self { me, blocks }
+        Self {
+            me,
+            blocks,
+            outboxes: Arc::default(),
+        }
     }
 }
 
@@ -134,37 +157,94 @@ impl Network for ClusterNetwork {
     }
 
     fn request(&self, to: NodeId, address: Address, request: Request<MutableBlock>) -> ReplyFuture {
-        let view = self.blocks.view();
-        let node = view.get(&to).cloned();
-        let wire = wire::request_to_wire(&address, &request);
-        let (blocks, me) = (self.blocks.clone(), self.me);
-        Box::pin(async move {
-            let node = node.filter(|n| n.state != NodeState::Dead)?;
-            let reply = if to == me {
-                tokio::task::spawn_blocking(move || serve(&blocks, me, wire))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-            } else {
-                let request = PeerRequest {
-                    kind: Some(peer_request::Kind::Paxos(wire)),
-                };
-                match blocks.transport().request(node.addr, &request).await {
-                    Ok(PeerResponse {
-                        kind: Some(peer_response::Kind::Paxos(reply)),
-                    }) => Ok(reply),
-                    Ok(_) => Err("unexpected answer".to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
+        let alive = self
+            .blocks
+            .view()
+            .get(&to)
+            .is_some_and(|n| n.state != NodeState::Dead);
+        if !alive {
+            return Box::pin(async { None });
+        }
+        let (tx, rx) = oneshot::channel();
+        let idle = {
+            let mut outboxes = self.outboxes.lock().expect("outboxes");
+            let idle = !outboxes.contains_key(&to);
+            outboxes.entry(to).or_default().push((address, request, tx));
+            idle
+        };
+        if idle {
+            let (me, blocks, outboxes) = (self.me, self.blocks.clone(), self.outboxes.clone());
+            tokio::spawn(send_batches(me, to, blocks, outboxes));
+        }
+        Box::pin(async move { rx.await.ok() })
+    }
+}
+
+/// Sends what waits for acceptor `to`, a batch at a time, until nothing
+/// does.
+async fn send_batches(me: NodeId, to: NodeId, blocks: Arc<Blocks>, outboxes: Outboxes) {
+    loop {
+        let batch: Vec<Queued> = {
+            let mut outboxes = outboxes.lock().expect("outboxes");
+            let Some(queued) = outboxes.get_mut(&to) else {
+                return;
             };
-            match reply.and_then(|r| wire::reply_from_wire(r).map_err(|e| e.to_string())) {
-                Ok(reply) => Some(reply),
-                Err(e) => {
-                    debug!(%to, %address, "paxos request: {e}");
-                    None
+            if queued.is_empty() {
+                outboxes.remove(&to);
+                return;
+            }
+            let n = queued.len().min(MAX_BATCH);
+            queued.drain(..n).collect()
+        };
+        let (wires, senders): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|(address, request, tx)| (wire::request_to_wire(&address, &request), tx))
+            .unzip();
+        let sent = wires.len();
+        match exchange(me, to, &blocks, pb::PaxosBatch { requests: wires }).await {
+            Ok(reply) if reply.replies.len() == sent => {
+                for (tx, reply) in senders.into_iter().zip(reply.replies) {
+                    // Kindless: the acceptor could not answer this one.
+                    if let Ok(reply) = wire::reply_from_wire(reply) {
+                        let _ = tx.send(reply);
+                    }
                 }
             }
-        })
+            Ok(reply) => {
+                debug!(%to, "paxos batch: {} replies to {sent} requests", reply.replies.len())
+            }
+            Err(e) => debug!(%to, "paxos batch: {e}"),
+        }
+    }
+}
+
+/// One batch to acceptor `to` and its replies.
+async fn exchange(
+    me: NodeId,
+    to: NodeId,
+    blocks: &Arc<Blocks>,
+    batch: pb::PaxosBatch,
+) -> Result<pb::PaxosBatchReply, String> {
+    if to == me {
+        let blocks = blocks.clone();
+        return tokio::task::spawn_blocking(move || serve(&blocks, me, batch))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let addr = blocks
+        .view()
+        .get(&to)
+        .map(|n| n.addr)
+        .ok_or("no longer a member")?;
+    let request = PeerRequest {
+        kind: Some(peer_request::Kind::Paxos(batch)),
+    };
+    match blocks.transport().request(addr, &request).await {
+        Ok(PeerResponse {
+            kind: Some(peer_response::Kind::Paxos(reply)),
+        }) => Ok(reply),
+        Ok(_) => Err("unexpected answer".to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -542,13 +622,14 @@ impl Consensus<ClusterNetwork> {
             .network
             .blocks
             .store()
-            .with_acceptor(address, true, |stored| {
+            .with_acceptors(&[*address], true, |_, stored| {
                 let state = stored
                     .and_then(|b| pb::AcceptorState::decode(b).ok())
                     .and_then(|s| wire::acceptor_from_wire(s).ok());
                 (None, state.and_then(|a| a.chosen))
             })
-            .ok()??;
+            .ok()?
+            .pop()??;
         chosen.value.as_ref()?;
         let config = chosen.config;
         let alive = |id: &NodeId| view.get(id).is_some_and(|n| n.state == NodeState::Alive);
@@ -611,52 +692,67 @@ fn reported_states(reply: &Reply<MutableBlock>) -> Vec<&Chosen<MutableBlock>> {
     }
 }
 
-/// Serves a Paxos request as this block's acceptor: the state changes are
-/// synced to disk before the reply is returned. A malformed or forged
-/// request is answered `Invalid`; a local failure (the disk) is an error, so
-/// the proposer hears nothing from us and carries on with the others.
+/// Serves a batch of Paxos requests as the blocks' acceptor: the state
+/// changes are synced to disk, together, before the replies are returned.
+/// A malformed or forged request is answered `Invalid`; a block whose
+/// stored state cannot be read gets no answer, and a local failure (the
+/// disk) is an error, so the proposer hears nothing from us and carries on
+/// with the others.
 pub fn serve(
     blocks: &Blocks,
     me: NodeId,
-    request: pb::PaxosRequest,
-) -> Result<pb::PaxosReply, String> {
-    let (address, request) = match wire::request_from_wire(request) {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(wire::reply_to_wire(&Reply::Invalid {
-                reason: e.to_string(),
-            }));
+    batch: pb::PaxosBatch,
+) -> Result<pb::PaxosBatchReply, String> {
+    let mut replies = vec![pb::PaxosReply::default(); batch.requests.len()];
+    let mut addresses = Vec::new();
+    let mut requests = Vec::new();
+    for (i, wire) in batch.requests.into_iter().enumerate() {
+        match wire::request_from_wire(wire) {
+            Ok((address, request)) => {
+                addresses.push(address);
+                requests.push((i, Some(request)));
+            }
+            Err(e) => {
+                replies[i] = wire::reply_to_wire(&Reply::Invalid {
+                    reason: e.to_string(),
+                });
+            }
         }
-    };
+    }
     // A learned chosen state may be lost in a crash: the acceptor then
     // holds the (synced) proposal it accepted, an earlier valid state, and
     // learns the choice again from the next request. Promises and accepted
     // proposals are synced before the reply.
-    let durable = !matches!(request, Request::Commit { .. });
-    let result = blocks.store().with_acceptor(&address, durable, |stored| {
-        let acceptor = match stored.map(pb::AcceptorState::decode) {
-            None => Ok(Acceptor::default()),
-            Some(Ok(state)) => wire::acceptor_from_wire(state).map_err(|e| e.to_string()),
-            Some(Err(e)) => Err(e.to_string()),
-        };
-        let mut acceptor = match acceptor {
-            Ok(a) => a,
-            Err(e) => {
-                return (
-                    None,
-                    Err(format!("stored state of {address} is unreadable: {e}")),
-                );
-            }
-        };
-        let (reply, changed) = acceptor.handle(me, request, |current, next| {
-            next.check_successor(current).map_err(|e| e.to_string())
-        });
-        let stored = changed.then(|| wire::acceptor_to_wire(&acceptor).encode_to_vec());
-        (stored, Ok(reply))
-    });
-    match result {
-        Ok(Ok(reply)) => Ok(wire::reply_to_wire(&reply)),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(e.to_string()),
+    let durable = requests
+        .iter()
+        .any(|(_, r)| !matches!(r, Some(Request::Commit { .. })));
+    let answered = blocks
+        .store()
+        .with_acceptors(&addresses, durable, |k, stored| {
+            let (address, request) = (addresses[k], requests[k].1.take().expect("once"));
+            let acceptor = match stored.map(pb::AcceptorState::decode) {
+                None => Ok(Acceptor::default()),
+                Some(Ok(state)) => wire::acceptor_from_wire(state).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e.to_string()),
+            };
+            let mut acceptor = match acceptor {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!("stored state of {address} is unreadable: {e}");
+                    return (None, None);
+                }
+            };
+            let (reply, changed) = acceptor.handle(me, request, |current, next| {
+                next.check_successor(current).map_err(|e| e.to_string())
+            });
+            let stored = changed.then(|| wire::acceptor_to_wire(&acceptor).encode_to_vec());
+            (stored, Some(reply))
+        })
+        .map_err(|e| e.to_string())?;
+    for ((i, _), reply) in requests.iter().zip(answered) {
+        if let Some(reply) = reply {
+            replies[*i] = wire::reply_to_wire(&reply);
+        }
     }
+    Ok(pb::PaxosBatchReply { replies })
 }

@@ -11,6 +11,7 @@
 
 mod segments;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +74,11 @@ fn extent(address: &Address, value: &[u8]) -> Option<Extent> {
 /// Writers of the same address are serialised (so a block is counted once);
 /// writers of different addresses proceed in parallel and share WAL syncs.
 const STRIPES: usize = 64;
+
+/// The writer lock of `address`.
+fn stripe(address: &Address) -> usize {
+    usize::from(address.0[0]) % STRIPES
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -206,7 +212,7 @@ impl BlockStore {
     /// then goes only when every owner has dropped its claim.
     pub fn put_owned(&self, data: &[u8], claim: Option<Claim>) -> Result<Address, StoreError> {
         let address = block::check_new(data)?;
-        let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
+        let _writer = self.stripes[stripe(&address)]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
@@ -294,7 +300,7 @@ impl BlockStore {
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         for address in claimed {
-            let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
+            let _writer = self.stripes[stripe(&address)]
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let mut batch = WriteBatch::default();
@@ -392,29 +398,47 @@ impl BlockStore {
         Ok(self.db.get_pinned_cf(blocks, address.as_bytes())?.is_some())
     }
 
-    /// Reads and updates the acceptor state of the mutable block at
-    /// `address` atomically with respect to other updates of it: `update`
-    /// gets the stored bytes (if any) and returns new bytes to store (synced
-    /// before this returns if `durable`, else only written) or `None` to
-    /// leave them, plus a result.
-    pub fn with_acceptor<R>(
+    /// Reads and updates the acceptor states of the mutable blocks at
+    /// `addresses`, in order, atomically with respect to other updates of
+    /// them: `update` gets each block's index and stored bytes (if any, as
+    /// left by the updates before it) and returns new bytes to store or
+    /// `None` to leave them, plus a result. The new states are written in
+    /// one batch, synced before this returns if `durable`.
+    pub fn with_acceptors<R>(
         &self,
-        address: &Address,
+        addresses: &[Address],
         durable: bool,
-        update: impl FnOnce(Option<&[u8]>) -> (Option<Vec<u8>>, R),
-    ) -> Result<R, StoreError> {
-        let _writer = self.stripes[usize::from(address.0[0]) % STRIPES]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        mut update: impl FnMut(usize, Option<&[u8]>) -> (Option<Vec<u8>>, R),
+    ) -> Result<Vec<R>, StoreError> {
+        let mut stripes: Vec<usize> = addresses.iter().map(stripe).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        // In ascending order, as every writer takes them: no deadlock.
+        let _writers: Vec<_> = stripes
+            .into_iter()
+            .map(|s| self.stripes[s].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
         let cf = self.db.cf_handle(CF_PAXOS).expect("paxos column family");
-        let current = self.db.get_pinned_cf(cf, address.as_bytes())?;
-        let (new, result) = update(current.as_deref());
-        if let Some(new) = new {
+        let mut written: HashMap<Address, Vec<u8>> = HashMap::new();
+        let mut batch = WriteBatch::default();
+        let mut results = Vec::with_capacity(addresses.len());
+        for (i, address) in addresses.iter().enumerate() {
+            let (new, result) = match written.get(address) {
+                Some(earlier) => update(i, Some(earlier)),
+                None => update(i, self.db.get_pinned_cf(cf, address.as_bytes())?.as_deref()),
+            };
+            if let Some(new) = new {
+                batch.put_cf(cf, address.as_bytes(), &new);
+                written.insert(*address, new);
+            }
+            results.push(result);
+        }
+        if !batch.is_empty() {
             let mut sync = WriteOptions::default();
             sync.set_sync(durable);
-            self.db.put_cf_opt(cf, address.as_bytes(), new, &sync)?;
+            self.db.write_opt(batch, &sync)?;
         }
-        Ok(result)
+        Ok(results)
     }
 
     /// Addresses of stored blocks after `start_after`, in order, at most
