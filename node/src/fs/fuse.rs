@@ -1,6 +1,7 @@
-//! The FUSE shell over [`VolumeFs`]: each request becomes a task on the
-//! peer's runtime and is answered when it is done, so a slow fetch never
-//! holds up unrelated requests.
+//! The FUSE shell over [`VolumeFs`]: a request that memory can answer is
+//! answered on the FUSE thread; one that waits (for the network, a lock)
+//! becomes a task on the peer's runtime and is answered when it is done, so
+//! a slow fetch never holds up unrelated requests.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -39,7 +40,12 @@ impl ShoalFuse {
         Self { fs, rt }
     }
 
-    /// Runs `op` as a task; `reply` gets its result.
+    /// Runs `op` and gives its result to `reply`: on the spot if it
+    /// finishes without waiting (a mount holding its volume alone changes
+    /// its own copy), else as a task that finishes it, so that what waits
+    /// for the network holds up no other request. Done on the spot, a
+    /// request neither waits for a runtime thread busy with commits nor
+    /// pays for the hand-over.
     fn spawn<T, F>(
         &self,
         op: impl FnOnce(Arc<VolumeFs>) -> F + Send + 'static,
@@ -48,8 +54,16 @@ impl ShoalFuse {
         F: std::future::Future<Output = Result<T, Errno>> + Send + 'static,
         T: Send + 'static,
     {
-        let fs = self.fs.clone();
-        self.rt.spawn(async move { reply(op(fs).await) });
+        let _runtime = self.rt.enter();
+        let mut op = Box::pin(op(self.fs.clone()));
+        // Polled again by its task, which then registers to be woken.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match op.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(result) => reply(result),
+            std::task::Poll::Pending => {
+                self.rt.spawn(async move { reply(op.await) });
+            }
+        }
     }
 }
 
