@@ -703,6 +703,19 @@ pub fn serve(
     me: NodeId,
     batch: pb::PaxosBatch,
 ) -> Result<pb::PaxosBatchReply, String> {
+    // The new versions' signatures, checked together rather than one by one.
+    let written: Vec<MutableBlock> = batch
+        .requests
+        .iter()
+        .filter_map(|r| match r.kind.as_ref()? {
+            pb::paxos_request::Kind::Accept(a) => match a.entry.as_ref()?.kind.as_ref()? {
+                pb::log_entry::Kind::Write(b) => wire::unverified_block_from_wire(b.clone()).ok(),
+                pb::log_entry::Kind::Reconfigure(_) => None,
+            },
+            _ => None,
+        })
+        .collect();
+    MutableBlock::verify_all(&written);
     let mut replies = vec![pb::PaxosReply::default(); batch.requests.len()];
     let mut addresses = Vec::new();
     let mut requests = Vec::new();

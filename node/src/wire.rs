@@ -63,6 +63,17 @@ pub fn block_to_wire(b: &MutableBlock) -> pb::MutableBlock {
 
 /// Decodes a block and verifies it (address, access list, signature).
 pub fn block_from_wire(b: pb::MutableBlock) -> Result<MutableBlock, WireError> {
+    let block = unverified_block_from_wire(b)?;
+    block.verify().map_err(|e| WireError::Unverified {
+        address: block.address,
+        reason: e.to_string(),
+    })?;
+    Ok(block)
+}
+
+/// The block a message carries, its signatures not checked yet: for a
+/// caller that checks many at once ([`MutableBlock::verify_all`]).
+pub fn unverified_block_from_wire(b: pb::MutableBlock) -> Result<MutableBlock, WireError> {
     let acl = required(b.acl, "access list")?;
     let block = MutableBlock {
         address: address_from_wire(&b.address)?,
@@ -83,10 +94,6 @@ pub fn block_from_wire(b: pb::MutableBlock) -> Result<MutableBlock, WireError> {
         signer: PublicKey(fixed(&b.signer, "signer key")?),
         signature: Signature(fixed(&b.signature, "signature")?),
     };
-    block.verify().map_err(|e| WireError::Unverified {
-        address: block.address,
-        reason: e.to_string(),
-    })?;
     Ok(block)
 }
 
