@@ -182,6 +182,43 @@ async fn files_directories_links_and_attributes() {
     assert_eq!(md.mtime(), 1_000_000_000);
     assert_eq!(md.atime(), 1_000_000_000);
 
+    // A write or truncate by an unprivileged user drops setuid, setgid
+    // (when the group may execute) and file capabilities; root's keeps them.
+    let suid = m.join("suid");
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    let as_nobody = |script: String| {
+        let status = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["sh", "-c", &script])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{script}");
+    };
+    fs::write(&suid, b"x").unwrap();
+    fs::set_permissions(&suid, fs::Permissions::from_mode(0o6777)).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&suid)
+        .unwrap()
+        .write_all(b"y")
+        .unwrap();
+    assert_eq!(mode(&suid), 0o6777);
+    as_nobody(format!("echo a >> {}", suid.display()));
+    assert_eq!(mode(&suid), 0o777);
+    // A file capability (version 2, CAP_NET_RAW permitted).
+    let capability = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    xattr::set(&suid, "security.capability", &capability).unwrap();
+    fs::set_permissions(&suid, fs::Permissions::from_mode(0o6767)).unwrap();
+    as_nobody(format!("echo b >> {}", suid.display()));
+    assert_eq!(mode(&suid), 0o2767);
+    assert_eq!(xattr::get(&suid, "security.capability").unwrap(), None);
+    fs::set_permissions(&suid, fs::Permissions::from_mode(0o4777)).unwrap();
+    as_nobody(format!("truncate -s 2 {}", suid.display()));
+    assert_eq!(mode(&suid), 0o777);
+    assert_eq!(fs::read(&suid).unwrap(), b"xy");
+
     // Extended attributes.
     xattr::set(&p, "user.colour", b"blue").unwrap();
     xattr::set(&p, "user.size", b"9").unwrap();

@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -27,6 +27,8 @@ pub const MAX_IO: u32 = 1024 * 1024;
 pub struct ShoalFuse {
     fs: Arc<VolumeFs>,
     rt: Handle,
+    /// Tells the kernel of changes it did not ask for; set once mounted.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl std::fmt::Debug for ShoalFuse {
@@ -37,7 +39,16 @@ impl std::fmt::Debug for ShoalFuse {
 
 impl ShoalFuse {
     pub fn new(fs: Arc<VolumeFs>, rt: Handle) -> Self {
-        Self { fs, rt }
+        Self {
+            fs,
+            rt,
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Where the mounted session's notifier goes.
+    pub fn notifier(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     /// Runs `op` and gives its result to `reply`: on the spot if it
@@ -200,9 +211,12 @@ impl fuser::Filesystem for ShoalFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Shoal drops setuid, setgid and capabilities on writes itself, so
+        // the kernel does not ask for the capabilities before each write.
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_PARALLEL_DIROPS;
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())
     }
@@ -252,6 +266,9 @@ impl fuser::Filesystem for ShoalFuse {
             move |fs| async move {
                 if let Some(size) = size {
                     fs.truncate(ino.0, size).await?;
+                    if caller != 0 {
+                        fs.drop_privileges(ino.0).await?;
+                    }
                 }
                 if mode.is_none()
                     && uid.is_none()
@@ -480,20 +497,32 @@ impl fuser::Filesystem for ShoalFuse {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        let unprivileged = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let notifier = self.notifier.clone();
         self.spawn(
-            move |fs| async move { fs.write(fh.0, offset, &data).await },
+            move |fs| async move {
+                let written = fs.write(fh.0, offset, &data).await?;
+                let dropped = unprivileged && fs.drop_privileges(ino.0).await?;
+                Ok((written, dropped))
+            },
             move |r| match r {
-                Ok(n) => reply.written(n),
+                Ok((n, dropped)) => {
+                    reply.written(n);
+                    // The mode the kernel keeps is no longer the file's.
+                    if dropped && let Some(notifier) = notifier.get() {
+                        let _ = notifier.inval_inode(ino, -1, 0);
+                    }
+                }
                 Err(e) => reply.error(e),
             },
         );

@@ -56,8 +56,10 @@ const MAX_DIRTY: usize = 32_768;
 /// How long a mount waits for another to commit and share the volume, as
 /// long as that one keeps its session alive.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(180);
-/// Blocks kept in the copy; beyond it, unchanged ones are dropped.
-const MAX_SLOTS: usize = 262_144;
+/// Blocks kept in the copy; beyond it, unchanged ones are dropped. An
+/// inode holds up to 32 KiB of inline data, so the copy stays within about
+/// 2 GiB even when every block it holds is such a file.
+const MAX_SLOTS: usize = 65_536;
 /// Flush rounds a barrier runs before it reports failure.
 const BARRIER_ROUNDS: usize = 20;
 /// Attempts at a change whose block the cache keeps dropping (it is full).

@@ -275,11 +275,13 @@ impl Mounts {
         config.n_threads = Some(FUSE_THREADS);
         config.clone_fd = true;
         let fuse = ShoalFuse::new(fs.clone(), tokio::runtime::Handle::current());
+        let notifier = fuse.notifier();
         let at = target.clone();
         let session = tokio::task::spawn_blocking(move || fuser::spawn_mount(fuse, &at, &config))
             .await
             .map_err(|e| MountError::Io(target.clone(), e.to_string()))?
             .map_err(|e| MountError::Io(target.clone(), e.to_string()))?;
+        let _ = notifier.set(session.notifier());
         let usage = {
             let fs = fs.clone();
             tokio::spawn(async move {

@@ -463,6 +463,26 @@ impl VolumeFs {
         self.update_inode(ino, change).await
     }
 
+    /// After a write or truncate by an unprivileged caller (the kernel
+    /// leaves this to Shoal, so that it need not ask for the file's
+    /// capabilities before every write): drops the file's setuid, setgid
+    /// and capabilities, if it has any. Whether it had.
+    pub async fn drop_privileges(&self, ino: u64) -> Result<bool, Errno> {
+        let open = self.files.lock().expect("files").get(&ino).cloned();
+        let privileged = match open {
+            Some(file) => file.lock().await.inode.has_privileges(),
+            None => self.inode(ino).await?.has_privileges(),
+        };
+        if privileged {
+            self.update_inode(ino, |i| {
+                i.drop_privileges();
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(privileged)
+    }
+
     /// Sets a file's size through its open state, or directly.
     pub async fn truncate(&self, ino: u64, size: u64) -> Result<Inode, Errno> {
         self.writable()?;
