@@ -142,10 +142,19 @@ pub fn chosen_to_wire(c: &Chosen<MutableBlock>) -> pb::ChosenState {
     }
 }
 
+/// Decodes a block a message carries: [`block_from_wire`] for what comes
+/// from the network, [`unverified_block_from_wire`] for what this peer
+/// checked before it stored it.
+type BlockDecoder = fn(pb::MutableBlock) -> Result<MutableBlock, WireError>;
+
 pub fn chosen_from_wire(c: pb::ChosenState) -> Result<Chosen<MutableBlock>, WireError> {
+    chosen_with(c, block_from_wire)
+}
+
+fn chosen_with(c: pb::ChosenState, block: BlockDecoder) -> Result<Chosen<MutableBlock>, WireError> {
     Ok(Chosen {
         slot: c.slot,
-        value: c.value.map(block_from_wire).transpose()?,
+        value: c.value.map(block).transpose()?,
         config: config_from_wire(c.config)?,
     })
 }
@@ -164,8 +173,15 @@ fn entry_to_wire(e: &Entry<MutableBlock>) -> pb::LogEntry {
 }
 
 fn entry_from_wire(e: Option<pb::LogEntry>) -> Result<Entry<MutableBlock>, WireError> {
+    entry_with(e, block_from_wire)
+}
+
+fn entry_with(
+    e: Option<pb::LogEntry>,
+    block: BlockDecoder,
+) -> Result<Entry<MutableBlock>, WireError> {
     match required(required(e, "log entry")?.kind, "log entry")? {
-        pb::log_entry::Kind::Write(b) => Ok(Entry::Write(block_from_wire(b)?)),
+        pb::log_entry::Kind::Write(b) => Ok(Entry::Write(block(b)?)),
         pb::log_entry::Kind::Reconfigure(c) => Ok(Entry::Reconfigure(config_from_wire(Some(c))?)),
     }
 }
@@ -181,11 +197,18 @@ pub fn proposal_to_wire(p: &Proposal<MutableBlock>) -> pb::Proposal {
 pub fn proposal_from_wire(
     p: Option<pb::Proposal>,
 ) -> Result<Option<Proposal<MutableBlock>>, WireError> {
+    proposal_with(p, block_from_wire)
+}
+
+fn proposal_with(
+    p: Option<pb::Proposal>,
+    block: BlockDecoder,
+) -> Result<Option<Proposal<MutableBlock>>, WireError> {
     p.map(|p| {
         Ok(Proposal {
             ballot: ballot_from_wire(p.ballot)?,
             slot: p.slot,
-            entry: entry_from_wire(p.entry)?,
+            entry: entry_with(p.entry, block)?,
         })
     })
     .transpose()
@@ -302,11 +325,17 @@ pub fn acceptor_to_wire(a: &Acceptor<MutableBlock>) -> pb::AcceptorState {
     }
 }
 
+/// An acceptor's stored state. This peer checked every block in it before
+/// storing it, and RocksDB checksums what it stores, so the blocks are not
+/// checked again on every request that reads the state.
 pub fn acceptor_from_wire(a: pb::AcceptorState) -> Result<Acceptor<MutableBlock>, WireError> {
     Ok(Acceptor {
         promised: ballot_from_wire(a.promised)?,
-        accepted: proposal_from_wire(a.accepted)?,
-        chosen: opt_chosen(a.chosen)?,
+        accepted: proposal_with(a.accepted, unverified_block_from_wire)?,
+        chosen: a
+            .chosen
+            .map(|c| chosen_with(c, unverified_block_from_wire))
+            .transpose()?,
     })
 }
 
