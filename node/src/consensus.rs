@@ -703,24 +703,14 @@ pub fn serve(
     me: NodeId,
     batch: pb::PaxosBatch,
 ) -> Result<pb::PaxosBatchReply, String> {
-    // The new versions' signatures, checked together rather than one by one.
-    let written: Vec<MutableBlock> = batch
-        .requests
-        .iter()
-        .filter_map(|r| match r.kind.as_ref()? {
-            pb::paxos_request::Kind::Accept(a) => match a.entry.as_ref()?.kind.as_ref()? {
-                pb::log_entry::Kind::Write(b) => wire::unverified_block_from_wire(b.clone()).ok(),
-                pb::log_entry::Kind::Reconfigure(_) => None,
-            },
-            _ => None,
-        })
-        .collect();
-    MutableBlock::verify_all(&written);
     let mut replies = vec![pb::PaxosReply::default(); batch.requests.len()];
     let mut addresses = Vec::new();
     let mut requests = Vec::new();
-    for (i, wire) in batch.requests.into_iter().enumerate() {
-        match wire::request_from_wire(wire) {
+    for (i, decoded) in wire::requests_from_wire(batch.requests)
+        .into_iter()
+        .enumerate()
+    {
+        match decoded {
             Ok((address, request)) => {
                 addresses.push(address);
                 requests.push((i, Some(request)));

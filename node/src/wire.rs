@@ -64,16 +64,21 @@ pub fn block_to_wire(b: &MutableBlock) -> pb::MutableBlock {
 /// Decodes a block and verifies it (address, access list, signature).
 pub fn block_from_wire(b: pb::MutableBlock) -> Result<MutableBlock, WireError> {
     let block = unverified_block_from_wire(b)?;
-    block.verify().map_err(|e| WireError::Unverified {
-        address: block.address,
-        reason: e.to_string(),
-    })?;
+    verified(&block)?;
     Ok(block)
 }
 
+fn verified(block: &MutableBlock) -> Result<(), WireError> {
+    block.verify().map_err(|e| WireError::Unverified {
+        address: block.address,
+        reason: e.to_string(),
+    })
+}
+
 /// The block a message carries, its signatures not checked yet: for a
-/// caller that checks many at once ([`MutableBlock::verify_all`]).
-pub fn unverified_block_from_wire(b: pb::MutableBlock) -> Result<MutableBlock, WireError> {
+/// caller that checks many at once, or one this peer checked before it
+/// stored it.
+fn unverified_block_from_wire(b: pb::MutableBlock) -> Result<MutableBlock, WireError> {
     let acl = required(b.acl, "access list")?;
     let block = MutableBlock {
         address: address_from_wire(&b.address)?,
@@ -142,9 +147,9 @@ pub fn chosen_to_wire(c: &Chosen<MutableBlock>) -> pb::ChosenState {
     }
 }
 
-/// Decodes a block a message carries: [`block_from_wire`] for what comes
-/// from the network, [`unverified_block_from_wire`] for what this peer
-/// checked before it stored it.
+/// Decodes a block a message carries: [`block_from_wire`] checks it, and
+/// [`unverified_block_from_wire`] leaves that to a caller that checks many
+/// at once or checked the block before it stored it.
 type BlockDecoder = fn(pb::MutableBlock) -> Result<MutableBlock, WireError>;
 
 pub fn chosen_from_wire(c: pb::ChosenState) -> Result<Chosen<MutableBlock>, WireError> {
@@ -170,10 +175,6 @@ fn entry_to_wire(e: &Entry<MutableBlock>) -> pb::LogEntry {
             Entry::Reconfigure(c) => pb::log_entry::Kind::Reconfigure(config_to_wire(c)),
         }),
     }
-}
-
-fn entry_from_wire(e: Option<pb::LogEntry>) -> Result<Entry<MutableBlock>, WireError> {
-    entry_with(e, block_from_wire)
 }
 
 fn entry_with(
@@ -235,10 +236,44 @@ pub fn request_to_wire(address: &Address, r: &Request<MutableBlock>) -> pb::Paxo
     }
 }
 
-pub fn request_from_wire(
-    r: pb::PaxosRequest,
-) -> Result<(Address, Request<MutableBlock>), WireError> {
+/// Decodes a batch of Paxos requests, one result per request. The
+/// signatures of every block they carry are checked together
+/// ([`MutableBlock::verify_all`]), at about half the cost of one by one.
+pub fn requests_from_wire(
+    batch: Vec<pb::PaxosRequest>,
+) -> Vec<Result<(Address, Request<MutableBlock>), WireError>> {
+    let decoded: Vec<_> = batch.into_iter().map(unverified_request).collect();
+    MutableBlock::verify_all(decoded.iter().flatten().flat_map(|(_, r)| carried(r)));
+    decoded
+        .into_iter()
+        .map(|decoded| {
+            let (address, request) = decoded?;
+            carried(&request).try_for_each(verified)?;
+            Ok((address, request))
+        })
+        .collect()
+}
+
+/// The blocks a request carries.
+fn carried(request: &Request<MutableBlock>) -> impl Iterator<Item = &MutableBlock> {
+    let (chosen, entry) = match request {
+        Request::Accept { base, entry, .. } => (Some(base), Some(entry)),
+        Request::Commit { chosen } => (Some(chosen), None),
+        Request::Prepare { .. } | Request::Read => (None, None),
+    };
+    let written = entry.and_then(|e| match e {
+        Entry::Write(b) => Some(b),
+        Entry::Reconfigure(_) => None,
+    });
+    chosen
+        .and_then(|c| c.value.as_ref())
+        .into_iter()
+        .chain(written)
+}
+
+fn unverified_request(r: pb::PaxosRequest) -> Result<(Address, Request<MutableBlock>), WireError> {
     use pb::paxos_request::Kind;
+    let block: BlockDecoder = unverified_block_from_wire;
     let address = address_from_wire(&r.address)?;
     let request = match required(r.kind, "request")? {
         Kind::Prepare(b) => Request::Prepare {
@@ -246,11 +281,11 @@ pub fn request_from_wire(
         },
         Kind::Accept(a) => Request::Accept {
             ballot: ballot_from_wire(a.ballot)?,
-            base: chosen_from_wire(required(a.base, "base state")?)?,
-            entry: entry_from_wire(a.entry)?,
+            base: chosen_with(required(a.base, "base state")?, block)?,
+            entry: entry_with(a.entry, block)?,
         },
         Kind::Commit(c) => Request::Commit {
-            chosen: chosen_from_wire(c)?,
+            chosen: chosen_with(c, block)?,
         },
         Kind::Read(_) => Request::Read,
     };

@@ -194,6 +194,13 @@ impl BlockStore {
         })
     }
 
+    /// The writer lock of stripe `s` (see [`stripe`]).
+    fn writer(&self, s: usize) -> std::sync::MutexGuard<'_, ()> {
+        self.stripes[s]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
@@ -212,9 +219,7 @@ impl BlockStore {
     /// then goes only when every owner has dropped its claim.
     pub fn put_owned(&self, data: &[u8], claim: Option<Claim>) -> Result<Address, StoreError> {
         let address = block::check_new(data)?;
-        let _writer = self.stripes[stripe(&address)]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _writer = self.writer(stripe(&address));
         let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
         let mut sync = WriteOptions::default();
@@ -300,9 +305,7 @@ impl BlockStore {
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
         for address in claimed {
-            let _writer = self.stripes[stripe(&address)]
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let _writer = self.writer(stripe(&address));
             let mut batch = WriteBatch::default();
             batch.delete_cf(meta, owned_key(owner, &address));
             batch.delete_cf(meta, claim_key(&address, owner));
@@ -414,10 +417,7 @@ impl BlockStore {
         stripes.sort_unstable();
         stripes.dedup();
         // In ascending order, as every writer takes them: no deadlock.
-        let _writers: Vec<_> = stripes
-            .into_iter()
-            .map(|s| self.stripes[s].lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
+        let _writers: Vec<_> = stripes.into_iter().map(|s| self.writer(s)).collect();
         let cf = self.db.cf_handle(CF_PAXOS).expect("paxos column family");
         let mut written: HashMap<Address, Vec<u8>> = HashMap::new();
         let mut batch = WriteBatch::default();
