@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
@@ -59,6 +59,29 @@ async fn files_directories_links_and_attributes() {
         .set_len(8)
         .unwrap();
     assert_eq!(fs::read(&f).unwrap(), b"hello\0\0\0");
+
+    // The kernel sends a close's release without waiting for it, so an
+    // open races the release of the handle closed just before: every open
+    // must still get a working handle.
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let churn = m.join(format!("churn-{t}"));
+            s.spawn(move || {
+                fs::write(&churn, b"0123456789").unwrap();
+                for i in 0..300u32 {
+                    let h = OpenOptions::new().write(true).open(&churn).unwrap();
+                    h.write_all_at(&[b'a' + (i % 26) as u8], 0).unwrap();
+                    if i % 3 == 0 {
+                        h.set_len(10).unwrap();
+                    }
+                    drop(h);
+                    let back = fs::read(&churn).unwrap();
+                    assert_eq!(back[0], b'a' + (i % 26) as u8);
+                    assert_eq!(back.len(), 10);
+                }
+            });
+        }
+    });
 
     // A file larger than a chunk, written in odd pieces, reads back exact.
     let big: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 251) as u8).collect();

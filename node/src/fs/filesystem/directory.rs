@@ -332,7 +332,7 @@ impl VolumeFs {
         self.files
             .lock()
             .expect("files")
-            .insert(inode.ino, Arc::new(tokio::sync::Mutex::new(file)));
+            .insert(inode.ino, (1, Arc::new(tokio::sync::Mutex::new(file))));
         let fh = self.new_handle(inode.ino);
         Ok((inode, fh))
     }

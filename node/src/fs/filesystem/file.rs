@@ -8,37 +8,38 @@ impl VolumeFs {
 
     /// The open state of `ino`, loaded fresh from its quorum if no handle
     /// has it open (close-to-open: an open sees every close before it).
-    pub(super) async fn open_file(
-        &self,
-        ino: u64,
-    ) -> Result<Arc<tokio::sync::Mutex<OpenFile>>, Errno> {
-        let open = self.files.lock().expect("files").get(&ino).cloned();
-        if let Some(f) = open {
-            f.lock().await.handles += 1;
-            return Ok(f);
+    pub(super) async fn open_file(&self, ino: u64) -> Result<SharedFile, Errno> {
+        if let Some((uses, file)) = self.files.lock().expect("files").get_mut(&ino) {
+            *uses += 1;
+            return Ok(file.clone());
         }
         let (inode, version) = self.read_inode(ino).await?;
         let file = Arc::new(tokio::sync::Mutex::new(OpenFile::at(inode, version)));
-        let existing = self
-            .files
-            .lock()
-            .expect("files")
-            .entry(ino)
-            .or_insert(file.clone())
-            .clone();
-        if !Arc::ptr_eq(&existing, &file) {
-            // Another open won the race: share its state.
-            existing.lock().await.handles += 1;
-        }
-        Ok(existing)
+        // Another open may have won the race: then share its state.
+        let mut files = self.files.lock().expect("files");
+        let (uses, file) = files.entry(ino).or_insert((0, file));
+        *uses += 1;
+        Ok(file.clone())
     }
 
-    /// Drops one use of an open file; the last one forgets it.
-    pub(super) async fn release_file(&self, ino: u64, file: &Arc<tokio::sync::Mutex<OpenFile>>) {
-        let mut f = file.lock().await;
-        f.handles = f.handles.saturating_sub(1);
-        if f.handles == 0 && !f.changed {
-            self.files.lock().expect("files").remove(&ino);
+    /// The state of `ino` if it is open here.
+    pub(super) fn open_state(&self, ino: u64) -> Option<SharedFile> {
+        let files = self.files.lock().expect("files");
+        files.get(&ino).map(|(_, file)| file.clone())
+    }
+
+    /// Drops one use of an open file; the last one forgets it, unless it
+    /// holds changes not yet committed.
+    pub(super) async fn release_file(&self, ino: u64, file: &SharedFile) {
+        let f = file.lock().await;
+        let mut files = self.files.lock().expect("files");
+        let Some((uses, _)) = files.get_mut(&ino) else {
+            return;
+        };
+        *uses = uses.saturating_sub(1);
+        if *uses == 0 && !f.changed {
+            files.remove(&ino);
+            drop(files);
             self.cache_inode(&f.inode, f.version);
         }
     }
@@ -74,23 +75,14 @@ impl VolumeFs {
         Ok((self.new_handle(ino), keep))
     }
 
-    pub(super) fn handle(
-        &self,
-        fh: u64,
-    ) -> Result<(u64, Arc<tokio::sync::Mutex<OpenFile>>), Errno> {
+    pub(super) fn handle(&self, fh: u64) -> Result<(u64, SharedFile), Errno> {
         let ino = *self
             .handles
             .lock()
             .expect("handles")
             .get(&fh)
             .ok_or(Errno::EBADF)?;
-        let file = self
-            .files
-            .lock()
-            .expect("files")
-            .get(&ino)
-            .cloned()
-            .ok_or(Errno::EBADF)?;
+        let file = self.open_state(ino).ok_or(Errno::EBADF)?;
         Ok((ino, file))
     }
 
@@ -375,11 +367,7 @@ impl VolumeFs {
     /// Makes an open file's changes durable: uploads what is buffered, then
     /// writes the inode's new content in one version, re-applied on top of
     /// any attribute change another mount made meanwhile.
-    pub(super) async fn commit_file(
-        &self,
-        ino: u64,
-        file: &Arc<tokio::sync::Mutex<OpenFile>>,
-    ) -> Result<(), Errno> {
+    pub(super) async fn commit_file(&self, ino: u64, file: &SharedFile) -> Result<(), Errno> {
         let mut f = file.lock().await;
         if !f.changed {
             return Ok(());
@@ -474,8 +462,7 @@ impl VolumeFs {
         let Some(ino) = self.handles.lock().expect("handles").remove(&fh) else {
             return Err(Errno::EBADF);
         };
-        let file = self.files.lock().expect("files").get(&ino).cloned();
-        let Some(file) = file else {
+        let Some(file) = self.open_state(ino) else {
             return Ok(());
         };
         let result = self.commit_file(ino, &file).await;
@@ -491,7 +478,7 @@ impl VolumeFs {
             .lock()
             .expect("files")
             .iter()
-            .map(|(i, f)| (*i, f.clone()))
+            .map(|(i, (_, f))| (*i, f.clone()))
             .collect();
         for (ino, file) in files {
             if let Err(e) = self.commit_file(ino, &file).await {

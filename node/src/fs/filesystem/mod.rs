@@ -64,6 +64,9 @@ type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Errno>>>;
 /// A chunk on its way to the cluster: its plaintext, and the upload.
 type Upload = (Arc<Vec<u8>>, JoinHandle<Result<ChunkRef, Errno>>);
 
+/// An open file's state, shared by all its handles.
+type SharedFile = Arc<tokio::sync::Mutex<OpenFile>>;
+
 /// A file open on this mount, shared by all its handles.
 #[derive(Debug)]
 struct OpenFile {
@@ -77,7 +80,6 @@ struct OpenFile {
     uploading: BTreeMap<u64, Upload>,
     /// Whether the working copy differs from the committed version.
     changed: bool,
-    handles: usize,
     /// Bytes the committed version stores (for usage accounting).
     committed_bytes: u64,
     /// Where the last read ended, to detect sequential reading.
@@ -85,7 +87,7 @@ struct OpenFile {
 }
 
 impl OpenFile {
-    /// A file opened by one handle, at its committed version.
+    /// A file opened at its committed version.
     fn at(inode: Inode, version: u64) -> Self {
         Self {
             committed_bytes: inode.stored_bytes(),
@@ -94,7 +96,6 @@ impl OpenFile {
             dirty: BTreeMap::new(),
             uploading: BTreeMap::new(),
             changed: false,
-            handles: 1,
             last_read_end: 0,
         }
     }
@@ -142,7 +143,9 @@ pub struct VolumeFs {
     shards: Mutex<HashMap<ShardId, Cached<Arc<Shard>>>>,
     chunks: Mutex<lru::LruCache<Address, Bytes>>,
     fetching: Mutex<HashMap<Address, ChunkFuture>>,
-    files: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<OpenFile>>>>,
+    /// Open files, with how many uses hold each: counted under this lock,
+    /// so an open never joins a state that its last release is forgetting.
+    files: Mutex<HashMap<u64, (usize, SharedFile)>>,
     handles: Mutex<HashMap<u64, u64>>,
     listings: Mutex<HashMap<u64, Listing>>,
     /// Inode versions whose data the kernel's page cache holds.
@@ -361,7 +364,7 @@ impl VolumeFs {
     /// cached copy younger than [`ATTR_TTL`], else fresh.
     /// [`Self::inode`] if memory answers for it now, without waiting.
     pub fn inode_held(&self, ino: u64) -> Option<Result<Inode, Errno>> {
-        let open = self.files.lock().expect("files").get(&ino).cloned();
+        let open = self.open_state(ino);
         if let Some(file) = open {
             return Some(Ok(file.try_lock().ok()?.inode.clone()));
         }
@@ -381,7 +384,7 @@ impl VolumeFs {
     }
 
     pub async fn inode(&self, ino: u64) -> Result<Inode, Errno> {
-        let open = self.files.lock().expect("files").get(&ino).cloned();
+        let open = self.open_state(ino);
         if let Some(file) = open {
             return Ok(file.lock().await.inode.clone());
         }
@@ -402,7 +405,7 @@ impl VolumeFs {
     ) -> Result<Inode, Errno> {
         self.writable()?;
         // A file created here and not yet committed has no block yet.
-        let open = self.files.lock().expect("files").get(&ino).cloned();
+        let open = self.open_state(ino);
         if let Some(file) = &open {
             self.commit_file(ino, file).await?;
         }
@@ -468,7 +471,7 @@ impl VolumeFs {
     /// capabilities before every write): drops the file's setuid, setgid
     /// and capabilities, if it has any. Whether it had.
     pub async fn drop_privileges(&self, ino: u64) -> Result<bool, Errno> {
-        let open = self.files.lock().expect("files").get(&ino).cloned();
+        let open = self.open_state(ino);
         let privileged = match open {
             Some(file) => file.lock().await.inode.has_privileges(),
             None => self.inode(ino).await?.has_privileges(),
