@@ -1,13 +1,20 @@
 //! Volumes across mounts and failures: managing volumes, two mounts of one
 //! volume on two peers writing at once, a lone mount's write-back metadata
-//! handed over to a second mount, and fsync'd data surviving SIGKILL of the
-//! mounting peer and of R−1 others.
+//! handed over to a second mount, fsync'd data surviving SIGKILL of the
+//! mounting peer and of R−1 others, and the space of removed and
+//! overwritten files coming back.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use shoal_core::Address;
+use shoal_core::mutable::WriterKey;
 use shoal_e2e::{TestCluster, shoal, spread};
+use shoal_node::identity::NodeIdentity;
+use shoal_node::transport::{Timeouts, Transport};
+use shoal_proto::peer::{PeerRequest, ReleaseBlocks, peer_request, peer_response};
 
 fn cli(cluster: &TestCluster, args: &[&str]) -> String {
     let dir = cluster.peers[0].dir.to_str().unwrap();
@@ -367,6 +374,121 @@ async fn a_volume_keeps_its_own_number_of_replicas() {
             .lines()
             .any(|l| l.contains("pair") && l.split_whitespace().any(|w| w == "2"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removed_and_overwritten_data_frees_its_chunks_unless_a_snapshot_names_them() {
+    let cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
+    // Two replicas: a write waits for both, so every copy is counted.
+    cli(&cluster, &["volume", "create", "reuse", "--replicas", "2"]);
+    let empty = stored_blocks(&cluster).await;
+    let mount = cluster.mount(0, "reuse", "mnt").unwrap();
+    let m = &mount.dir;
+    let mib = 1 << 20;
+    let data: Vec<u8> = (0..4 * mib as u32).map(|i| (i % 251) as u8).collect();
+    fs::write(m.join("removed"), &data).unwrap();
+    fs::write(m.join("kept"), &data[..2 * mib]).unwrap();
+    fs::write(m.join("cut"), &data[..3 * mib]).unwrap();
+    fs::write(m.join("replaced"), &data[..mib]).unwrap();
+    fs::write(m.join("over"), &data[..2 * mib]).unwrap();
+    // One chunk of "kept" rewritten in place, "cut" truncated to one chunk,
+    // "over" renamed over "replaced", "removed" unlinked, and "open"
+    // unlinked while a handle still reads it.
+    OpenOptions::new()
+        .write(true)
+        .open(m.join("kept"))
+        .unwrap()
+        .write_all_at(b"new", 5)
+        .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(m.join("cut"))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    fs::rename(m.join("over"), m.join("replaced")).unwrap();
+    fs::remove_file(m.join("removed")).unwrap();
+    fs::write(m.join("open"), &data[..2 * mib]).unwrap();
+    let mut reader = File::open(m.join("open")).unwrap();
+    fs::remove_file(m.join("open")).unwrap();
+    let mut back = Vec::new();
+    reader.read_to_end(&mut back).unwrap();
+    assert_eq!(back, data[..2 * mib]);
+    drop(reader);
+
+    // A peer with a real certificate cannot release what it does not own:
+    // a forged signature is refused, and a stranger's own signed request
+    // frees nothing.
+    let scratch = tempfile::tempdir().unwrap();
+    let rogue = NodeIdentity::load_or_issue(scratch.path(), cluster.root()).unwrap();
+    let transport = Transport::client(&rogue, Timeouts::default()).unwrap();
+    let held: Vec<Address> = cluster
+        .local_blocks(1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert!(!held.is_empty());
+    let stranger = WriterKey::from_secret([9; 32]);
+    let issued_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let release = |owner: [u8; 32], signature: Vec<u8>| PeerRequest {
+        kind: Some(peer_request::Kind::ReleaseBlocks(ReleaseBlocks {
+            owner: owner.to_vec(),
+            issued_ms,
+            addresses: held.iter().map(|a| a.0.to_vec()).collect(),
+            signature,
+        })),
+    };
+    let genuine = stranger.sign_release(issued_ms, &held).0.to_vec();
+    let forged = release([7; 32], genuine.clone());
+    let peer = cluster.peers[1].addr.parse().unwrap();
+    match transport.request(peer, &forged).await.unwrap().kind {
+        Some(peer_response::Kind::Error(e)) => {
+            assert!(e.message.contains("delete refused"), "{}", e.message)
+        }
+        other => panic!("forged release not refused: {other:?}"),
+    }
+    let own = release(stranger.public().0, genuine);
+    match transport.request(peer, &own).await.unwrap().kind {
+        Some(peer_response::Kind::ReleaseBlocks(r)) => assert_eq!((r.blocks, r.bytes), (0, 0)),
+        other => panic!("unexpected answer: {other:?}"),
+    }
+    assert_eq!(cluster.local_blocks(1).await.unwrap().len(), held.len());
+
+    mount.unmount().unwrap();
+    // Named now: kept 2 chunks, cut 1, replaced (was over) 2; 2 copies each.
+    assert_eq!(stored_blocks(&cluster).await - empty, 10);
+    let mount = cluster.mount(1, "reuse", "mnt-again").unwrap();
+    let mut kept = data[..2 * mib].to_vec();
+    kept[5..8].copy_from_slice(b"new");
+    assert_eq!(fs::read(mount.dir.join("kept")).unwrap(), kept);
+    assert_eq!(fs::read(mount.dir.join("cut")).unwrap(), data[..1000]);
+    assert_eq!(
+        fs::read(mount.dir.join("replaced")).unwrap(),
+        data[..2 * mib]
+    );
+    assert!(!mount.dir.join("removed").exists());
+
+    // A snapshot names the volume's chunks: removing the file frees none of
+    // them, and the snapshot still reads it whole.
+    cli(
+        &cluster,
+        &["snapshot", "create", "before", "--volume", "reuse"],
+    );
+    fs::remove_file(mount.dir.join("kept")).unwrap();
+    let holding = stored_blocks(&cluster).await;
+    mount.unmount().unwrap();
+    assert_eq!(stored_blocks(&cluster).await, holding);
+    cli(
+        &cluster,
+        &["volume", "create", "back", "--from-snapshot", "before"],
+    );
+    let restored = cluster.mount(2, "back", "mnt-back").unwrap();
+    assert_eq!(fs::read(restored.dir.join("kept")).unwrap(), kept);
 }
 
 /// Immutable blocks held by all peers together.

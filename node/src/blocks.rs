@@ -10,13 +10,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shoal_core::mutable::{PublicKey, Signature, WriterKey, verify_delete_owned};
+use shoal_core::mutable::{
+    MutableError, PublicKey, Signature, WriterKey, verify_delete_owned, verify_release,
+};
 use shoal_core::placement::{Placement, Policy};
 use shoal_core::{Address, NodeId, NodeInfo, NodeState, View, block};
 use shoal_proto::peer::{
     BlockResult, DeleteOwned, DeleteOwnedReply, ErrorCode, GetBlocks, GetBlocksReply, HasBlocks,
-    HasBlocksReply, PeerRequest, PeerResponse, PutBlocks, PutBlocksReply, block_result,
-    peer_request, peer_response,
+    HasBlocksReply, PeerRequest, PeerResponse, PutBlocks, PutBlocksReply, ReleaseBlocks,
+    block_result, peer_request, peer_response,
 };
 use tokio::sync::mpsc;
 use tracing::debug;
@@ -76,6 +78,8 @@ pub struct BlockConfig {
 /// How long a signed delete request is good for (it may travel, and
 /// clocks differ a little).
 const DELETE_VALIDITY: Duration = Duration::from_secs(300);
+/// Addresses one release request lists at most.
+const RELEASE_BATCH: usize = 4096;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -628,23 +632,51 @@ impl Blocks {
     /// by the owner; see [`shoal_core::mutable::verify_delete_owned`]);
     /// returns the blocks and bytes freed by those that answered.
     pub async fn delete_owned(&self, owner: &WriterKey) -> (u64, u64) {
+        self.release_on_all(owner, None).await
+    }
+
+    /// Asks every live peer to drop `owner`'s claims on `addresses` (a
+    /// volume's chunks no file refers to any more); returns the blocks and
+    /// bytes freed by those that answered. Every peer is asked, not only
+    /// the block's placement: a copy may sit elsewhere since a move.
+    pub async fn release_owned(&self, owner: &WriterKey, addresses: &[Address]) -> (u64, u64) {
+        let mut freed = (0, 0);
+        for batch in addresses.chunks(RELEASE_BATCH) {
+            let (b, n) = self.release_on_all(owner, Some(batch)).await;
+            freed = (freed.0 + b, freed.1 + n);
+        }
+        freed
+    }
+
+    /// One signed request to every live peer: drop `owner`'s claims on
+    /// `only` those blocks, or on all it claims.
+    async fn release_on_all(&self, owner: &WriterKey, only: Option<&[Address]>) -> (u64, u64) {
         let issued_ms = now_ms();
-        let request = PeerRequest {
-            kind: Some(peer_request::Kind::DeleteOwned(DeleteOwned {
-                owner: owner.public().0.to_vec(),
+        let public = owner.public();
+        let kind = match only {
+            None => peer_request::Kind::DeleteOwned(DeleteOwned {
+                owner: public.0.to_vec(),
                 issued_ms,
                 signature: owner.sign_delete_owned(issued_ms).0.to_vec(),
-            })),
+            }),
+            Some(addresses) => peer_request::Kind::ReleaseBlocks(ReleaseBlocks {
+                owner: public.0.to_vec(),
+                issued_ms,
+                addresses: addresses.iter().map(|a| a.0.to_vec()).collect(),
+                signature: owner.sign_release(issued_ms, addresses).0.to_vec(),
+            }),
         };
+        let request = PeerRequest { kind: Some(kind) };
         let view = self.view();
         let asked = view.reachable().map(|node| {
             let request = request.clone();
-            let owner = owner.public();
+            let only = only.map(<[Address]>::to_vec);
             async move {
                 if node.id == self.me {
                     let store = self.store.clone();
-                    return tokio::task::spawn_blocking(move || {
-                        store.delete_owned(&owner.0, issued_ms)
+                    return tokio::task::spawn_blocking(move || match only {
+                        None => store.delete_owned(&public.0, issued_ms),
+                        Some(addresses) => store.release(&public.0, issued_ms, &addresses),
                     })
                     .await
                     .ok()
@@ -653,7 +685,11 @@ impl Blocks {
                 }
                 match self.transport.request(node.addr, &request).await {
                     Ok(PeerResponse {
-                        kind: Some(peer_response::Kind::DeleteOwned(r)),
+                        kind:
+                            Some(
+                                peer_response::Kind::DeleteOwned(r)
+                                | peer_response::Kind::ReleaseBlocks(r),
+                            ),
                     }) => (r.blocks, r.bytes),
                     _ => (0, 0),
                 }
@@ -670,25 +706,41 @@ impl Blocks {
         &self,
         request: DeleteOwned,
     ) -> Result<DeleteOwnedReply, String> {
-        let owner: [u8; 32] = request
-            .owner
-            .as_slice()
-            .try_into()
-            .map_err(|_| "owner must be 32 bytes".to_string())?;
-        let signature: [u8; 64] = request
-            .signature
-            .as_slice()
-            .try_into()
-            .map_err(|_| "signature must be 64 bytes".to_string())?;
-        verify_delete_owned(&PublicKey(owner), request.issued_ms, &Signature(signature))
-            .map_err(|e| format!("delete refused: {e}"))?;
-        let age = now_ms().abs_diff(request.issued_ms);
-        if age > DELETE_VALIDITY.as_millis() as u64 {
-            return Err(format!("delete refused: issued {age} ms away from now"));
-        }
+        let owner = signed_by(
+            &request.owner,
+            &request.signature,
+            request.issued_ms,
+            |owner, signature| verify_delete_owned(owner, request.issued_ms, signature),
+        )?;
         let (blocks, bytes) = self
             .store
             .delete_owned(&owner, request.issued_ms)
+            .map_err(|e| e.to_string())?;
+        Ok(DeleteOwnedReply { blocks, bytes })
+    }
+
+    /// Serves a signed request to drop an owner's claims on listed blocks.
+    pub(crate) fn serve_release(&self, request: ReleaseBlocks) -> Result<DeleteOwnedReply, String> {
+        if request.addresses.len() > RELEASE_BATCH {
+            return Err(format!(
+                "release refused: {} addresses, at most {RELEASE_BATCH} a request",
+                request.addresses.len()
+            ));
+        }
+        let addresses = request
+            .addresses
+            .iter()
+            .map(|a| Address::from_slice(a).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let owner = signed_by(
+            &request.owner,
+            &request.signature,
+            request.issued_ms,
+            |owner, signature| verify_release(owner, request.issued_ms, &addresses, signature),
+        )?;
+        let (blocks, bytes) = self
+            .store
+            .release(&owner, request.issued_ms, &addresses)
             .map_err(|e| e.to_string())?;
         Ok(DeleteOwnedReply { blocks, bytes })
     }
@@ -734,6 +786,28 @@ fn distance(me: Option<&NodeInfo>, other: &NodeInfo) -> usize {
             Some(me) if me.zone == other.zone => 2,
             _ => 3,
         }
+}
+
+/// The owner of a signed, recent request to drop claims, once `verify`
+/// accepts its signature.
+fn signed_by(
+    owner: &[u8],
+    signature: &[u8],
+    issued_ms: u64,
+    verify: impl FnOnce(&PublicKey, &Signature) -> Result<(), MutableError>,
+) -> Result<[u8; 32], String> {
+    let owner: [u8; 32] = owner
+        .try_into()
+        .map_err(|_| "owner must be 32 bytes".to_string())?;
+    let signature: [u8; 64] = signature
+        .try_into()
+        .map_err(|_| "signature must be 64 bytes".to_string())?;
+    verify(&PublicKey(owner), &Signature(signature)).map_err(|e| format!("delete refused: {e}"))?;
+    let age = now_ms().abs_diff(issued_ms);
+    if age > DELETE_VALIDITY.as_millis() as u64 {
+        return Err(format!("delete refused: issued {age} ms away from now"));
+    }
+    Ok(owner)
 }
 
 fn unexpected(response: &PeerResponse) -> String {

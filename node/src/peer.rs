@@ -309,6 +309,9 @@ impl Handler for PeerService {
             Some(peer_request::Kind::DeleteOwned(delete)) => blocks
                 .serve_delete_owned(delete)
                 .map(peer_response::Kind::DeleteOwned),
+            Some(peer_request::Kind::ReleaseBlocks(release)) => blocks
+                .serve_release(release)
+                .map(peer_response::Kind::ReleaseBlocks),
             Some(peer_request::Kind::HasBlocks(has)) => {
                 blocks.serve_has(has).map(peer_response::Kind::HasBlocks)
             }

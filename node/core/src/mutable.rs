@@ -354,6 +354,31 @@ pub fn verify_delete_owned(
     verify_signature(owner, &delete_owned_message(owner, issued_ms), signature)
 }
 
+/// A request to drop claims on the listed blocks only: its own domain, so
+/// that no list, not even an empty one, reads as "every block".
+fn release_message(owner: &PublicKey, issued_ms: u64, blocks: &[Address]) -> Vec<u8> {
+    let mut listed = blake3::Hasher::new();
+    for address in blocks {
+        listed.update(address.as_bytes());
+    }
+    let mut m = b"shoal/release-blocks/v1".to_vec();
+    m.extend_from_slice(&owner.0);
+    m.extend_from_slice(&issued_ms.to_le_bytes());
+    m.extend_from_slice(listed.finalize().as_bytes());
+    m
+}
+
+/// Whether `owner` signed a request, at `issued_ms`, to drop its claims on
+/// exactly `blocks`.
+pub fn verify_release(
+    owner: &PublicKey,
+    issued_ms: u64,
+    blocks: &[Address],
+    signature: &Signature,
+) -> Result<(), MutableError> {
+    verify_signature(owner, &release_message(owner, issued_ms, blocks), signature)
+}
+
 /// A key that signs mutable blocks.
 #[derive(Clone)]
 pub struct WriterKey(SigningKey);
@@ -385,6 +410,12 @@ impl WriterKey {
     /// `issued_ms` (see [`verify_delete_owned`]).
     pub fn sign_delete_owned(&self, issued_ms: u64) -> Signature {
         self.sign(&delete_owned_message(&self.public(), issued_ms))
+    }
+
+    /// A request that peers drop this key's claims on `blocks` only (see
+    /// [`verify_release`]).
+    pub fn sign_release(&self, issued_ms: u64, blocks: &[Address]) -> Signature {
+        self.sign(&release_message(&self.public(), issued_ms, blocks))
     }
 
     /// An access list for `address` owned by this key.
@@ -472,6 +503,23 @@ mod tests {
         assert!(verify_delete_owned(&other.public(), 1000, &sig).is_err());
         let forged = other.sign_delete_owned(1000);
         assert!(verify_delete_owned(&owner.public(), 1000, &forged).is_err());
+    }
+
+    #[test]
+    fn release_requests_verify_only_for_their_owner_time_and_list() {
+        let (owner, other) = (key(1), key(2));
+        let (a, b) = (Address::of(b"a"), Address::of(b"b"));
+        let sig = owner.sign_release(1000, &[a, b]);
+        assert!(verify_release(&owner.public(), 1000, &[a, b], &sig).is_ok());
+        assert!(verify_release(&owner.public(), 1000, &[a], &sig).is_err());
+        assert!(verify_release(&owner.public(), 1000, &[b, a], &sig).is_err());
+        assert!(verify_release(&owner.public(), 1001, &[a, b], &sig).is_err());
+        assert!(verify_release(&other.public(), 1000, &[a, b], &sig).is_err());
+        // Neither kind of request passes for the other.
+        let all = owner.sign_delete_owned(1000);
+        assert!(verify_release(&owner.public(), 1000, &[], &all).is_err());
+        let none = owner.sign_release(1000, &[]);
+        assert!(verify_delete_owned(&owner.public(), 1000, &none).is_err());
     }
 
     fn key(n: u8) -> WriterKey {

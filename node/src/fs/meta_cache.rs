@@ -131,6 +131,14 @@ struct Mode {
     trusted_until: Instant,
 }
 
+/// Where a mount's changes stand: how many it has made, and in which
+/// epoch (see [`MetaCache::unsettled_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    pub seq: u64,
+    pub epoch: u64,
+}
+
 /// One change waiting in a flush.
 struct Pending {
     what: Vec<u8>,
@@ -149,6 +157,9 @@ pub struct MetaCache {
     mode: RwLock<Mode>,
     slots: Mutex<HashMap<Vec<u8>, Slot>>,
     seq: AtomicU64,
+    /// Bumped when the mount starts or stops holding the volume, and when
+    /// another mount's version replaced one of its own.
+    epoch: AtomicU64,
     dirty: AtomicUsize,
     wake: Notify,
     flushed: Notify,
@@ -185,6 +196,7 @@ impl MetaCache {
             }),
             slots: Mutex::default(),
             seq: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             dirty: AtomicUsize::new(0),
             wake: Notify::new(),
             flushed: Notify::new(),
@@ -273,6 +285,7 @@ impl MetaCache {
 
     fn hold(&self, mode: &mut Mode, renewed: Instant) {
         self.slots.lock().expect("slots").clear();
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         mode.exclusive = true;
         mode.trusted_until = renewed + Duration::from_millis(SESSION_LEASE_MS) - LEASE_MARGIN;
         info!(
@@ -366,6 +379,7 @@ impl MetaCache {
             );
         }
         mode.exclusive = false;
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         let lost = {
             let mut slots = self.slots.lock().expect("slots");
             let lost = slots.values().filter(|s| s.dirty.is_some()).count();
@@ -681,17 +695,46 @@ impl MetaCache {
         }
     }
 
+    /// Where the changes stand now: after every change made so far.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            seq: self.seq.load(Ordering::Relaxed),
+            epoch: self.epoch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether every change made before `mark` is on its quorum.
+    pub fn committed(&self, mark: &Mark) -> bool {
+        !self.waiting_before(mark.seq)
+    }
+
+    /// Whether other mounts may have seen, or written over, the changes
+    /// before `mark` in ways this mount does not know: since then it began
+    /// or stopped holding the volume, or lost a conflict.
+    pub fn unsettled_since(&self, mark: &Mark) -> bool {
+        self.epoch.load(Ordering::Relaxed) != mark.epoch
+    }
+
+    /// Whether this mount holds the volume alone (no other mount reads or
+    /// writes its blocks), and trusts that it does.
+    pub async fn holds_alone(&self) -> bool {
+        let mode = self.mode.read().await;
+        mode.exclusive && Instant::now() < mode.trusted_until
+    }
+
+    fn waiting_before(&self, seq: u64) -> bool {
+        self.slots
+            .lock()
+            .expect("slots")
+            .values()
+            .any(|s| s.dirty.is_some_and(|d| d < seq))
+    }
+
     /// Commits every change made before it was called.
     pub async fn barrier(&self) -> Result<(), MetaError> {
         let target = self.seq.load(Ordering::Relaxed);
         for _ in 0..BARRIER_ROUNDS {
-            let waiting = self
-                .slots
-                .lock()
-                .expect("slots")
-                .values()
-                .any(|s| s.dirty.is_some_and(|d| d < target));
-            if !waiting {
+            if !self.waiting_before(target) {
                 return Ok(());
             }
             self.flush().await?;
@@ -788,6 +831,7 @@ impl MetaCache {
                     self.volume(),
                     current.address
                 );
+                self.epoch.fetch_add(1, Ordering::Relaxed);
                 slot.committed = Some(current);
                 slot.current = None;
                 slot.unique = false;

@@ -23,6 +23,8 @@ use crate::blocks::Blocks;
 
 /// How often a mount adds its usage changes to the volume's counter.
 const USAGE_SYNC: Duration = Duration::from_secs(1);
+/// How often a mount frees the chunks its committed changes left unnamed.
+const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 /// Threads reading requests from the FUSE device.
 const FUSE_THREADS: usize = 4;
 /// How long a restarted peer keeps trying to restore a published mount
@@ -90,7 +92,8 @@ struct Mounted {
     spec: MountSpec,
     fs: Arc<VolumeFs>,
     session: BackgroundSession,
-    usage: JoinHandle<()>,
+    /// Usage syncs and chunk reclaims, until unmount.
+    housekeeping: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -282,13 +285,18 @@ impl Mounts {
             .map_err(|e| MountError::Io(target.clone(), e.to_string()))?
             .map_err(|e| MountError::Io(target.clone(), e.to_string()))?;
         let _ = notifier.set(session.notifier());
-        let usage = {
+        let housekeeping = {
             let fs = fs.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(USAGE_SYNC);
+                let mut usage = tokio::time::interval(USAGE_SYNC);
+                let mut reclaim = tokio::time::interval(RECLAIM_EVERY);
                 loop {
-                    tick.tick().await;
-                    fs.sync_usage().await;
+                    tokio::select! {
+                        _ = usage.tick() => fs.sync_usage().await,
+                        _ = reclaim.tick() => {
+                            fs.reclaim().await;
+                        }
+                    }
                 }
             })
         };
@@ -302,7 +310,7 @@ impl Mounts {
                 spec,
                 fs,
                 session,
-                usage,
+                housekeeping,
             },
         );
         Ok(target)
@@ -332,7 +340,7 @@ impl Mounts {
 
     /// Commits a mount's open files and ends its FUSE session.
     async fn stop(&self, key: PathBuf, mounted: Mounted) {
-        mounted.usage.abort();
+        mounted.housekeeping.abort();
         mounted.fs.stop().await;
         let at = key.clone();
         let result = tokio::task::spawn_blocking(move || mounted.session.umount_and_join()).await;

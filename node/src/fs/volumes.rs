@@ -184,6 +184,19 @@ impl Volumes {
         Ok(self.blocks.delete_owned(&writer).await)
     }
 
+    /// Whether `volume` is the only member of its lineage: no snapshot or
+    /// other volume shares its chunks. A quorum read, so a member that
+    /// joined before it is seen.
+    pub async fn alone_in_lineage(&self, volume: &VolumeRecord) -> Result<bool, VolumeError> {
+        let lineage = self
+            .registry()?
+            .read::<Lineage>(&lineage_name(&volume.data))
+            .await?;
+        Ok(lineage.is_some_and(|(l, _)| {
+            l.snapshots.is_empty() && l.volumes.len() == 1 && l.volumes.contains(&volume.name)
+        }))
+    }
+
     /// Adds or removes `name` in a catalogue block.
     pub(super) async fn catalogue(
         &self,

@@ -285,31 +285,47 @@ impl BlockStore {
     /// every block left without a claim. Returns blocks and bytes freed.
     pub fn delete_owned(&self, owner: &[u8; 32], issued_ms: u64) -> Result<(u64, u64), StoreError> {
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
-        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
         let prefix = owned_key(owner, &Address([0; 32]));
         let prefix = &prefix[..OWNED.len() + 32];
         let mut claimed = Vec::new();
         for item in self.db.prefix_iterator_cf(meta, prefix) {
-            let (key, at) = item?;
+            let (key, _) = item?;
             if !key.starts_with(prefix) {
                 break;
             }
-            let at = u64::from_le_bytes(at.as_ref().try_into().unwrap_or([0; 8]));
-            if at <= issued_ms
-                && let Ok(address) = Address::from_slice(&key[prefix.len()..])
-            {
+            if let Ok(address) = Address::from_slice(&key[prefix.len()..]) {
                 claimed.push(address);
             }
         }
+        self.release(owner, issued_ms, &claimed)
+    }
+
+    /// Drops `owner`'s claims made by `issued_ms` on `addresses`, deleting
+    /// the blocks no one else claims; returns the blocks and bytes freed.
+    pub fn release(
+        &self,
+        owner: &[u8; 32],
+        issued_ms: u64,
+        addresses: &[Address],
+    ) -> Result<(u64, u64), StoreError> {
+        let meta = self.db.cf_handle(CF_META).expect("meta column family");
+        let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
         let (mut freed_blocks, mut freed_bytes) = (0, 0);
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        for address in claimed {
-            let _writer = self.writer(stripe(&address));
+        for address in addresses {
+            let _writer = self.writer(stripe(address));
+            // A claim made after the request (the block stored again) stands.
+            let Some(at) = self.db.get_pinned_cf(meta, owned_key(owner, address))? else {
+                continue;
+            };
+            if u64::from_le_bytes(at.as_ref().try_into().unwrap_or([0; 8])) > issued_ms {
+                continue;
+            }
             let mut batch = WriteBatch::default();
-            batch.delete_cf(meta, owned_key(owner, &address));
-            batch.delete_cf(meta, claim_key(&address, owner));
-            let claims = claim_key(&address, &[0; 32]);
+            batch.delete_cf(meta, owned_key(owner, address));
+            batch.delete_cf(meta, claim_key(address, owner));
+            let claims = claim_key(address, &[0; 32]);
             let claims = &claims[..CLAIM.len() + 32];
             let others = self
                 .db
@@ -320,7 +336,7 @@ impl BlockStore {
             let mut freed = 0;
             let mut in_segment = None;
             if !others && let Some(value) = self.db.get_pinned_cf(blocks, address.as_bytes())? {
-                in_segment = extent(&address, &value);
+                in_segment = extent(address, &value);
                 freed = in_segment.map_or(value.len() as u64, |e| e.len);
                 batch.delete_cf(blocks, address.as_bytes());
                 batch.merge_cf(meta, KEY_USED, (-(freed as i64)).to_le_bytes());
@@ -561,6 +577,36 @@ mod tests {
         drop(store);
         let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(store.used(), 7);
+    }
+
+    #[test]
+    fn a_release_drops_only_the_listed_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path(), 1 << 20).unwrap();
+        let (x, y) = ([1u8; 32], [2u8; 32]);
+        let claim = |owner: [u8; 32], at_ms| {
+            Some(Claim {
+                owner,
+                at_ms,
+                replicas: 0,
+            })
+        };
+        let gone = store.put_owned(b"gone", claim(x, 10)).unwrap();
+        let kept = store.put_owned(b"kept", claim(x, 10)).unwrap();
+        let shared = store.put_owned(b"shared", claim(x, 10)).unwrap();
+        store.put_owned(b"shared", claim(y, 10)).unwrap();
+        let late = store.put_owned(b"late", claim(x, 50)).unwrap();
+        let unowned = store.put(b"unowned").unwrap();
+        let listed = [gone, shared, late, unowned, Address::of(b"never stored")];
+        assert_eq!(store.release(&x, 20, &listed).unwrap(), (1, 4));
+        assert!(!store.contains(&gone).unwrap());
+        // Unlisted, claimed by another owner, claimed after the request, or
+        // claimed by no one: all kept.
+        for address in [kept, shared, late, unowned] {
+            assert!(store.contains(&address).unwrap());
+        }
+        assert_eq!(store.claims(&shared).unwrap(), [(y, 0)]);
+        assert_eq!(store.release(&x, 20, &listed).unwrap(), (0, 0));
     }
 
     #[test]

@@ -141,6 +141,24 @@ impl Inode {
         }
     }
 
+    /// Every chunk the content refers to.
+    pub fn chunk_addresses(&self) -> impl Iterator<Item = Address> + '_ {
+        let chunks = match &self.content {
+            Content::Chunks(c) => Some(c.values().map(|c| c.address)),
+            _ => None,
+        };
+        chunks.into_iter().flatten()
+    }
+
+    /// The chunks this version refers to and `next` no longer does (its
+    /// content replaced, cut off or gone).
+    pub fn chunks_dropped_by(&self, next: &Inode) -> Vec<Address> {
+        let kept: std::collections::HashSet<Address> = next.chunk_addresses().collect();
+        self.chunk_addresses()
+            .filter(|a| !kept.contains(a))
+            .collect()
+    }
+
     /// Bytes of storage the content takes, for usage accounting.
     pub fn stored_bytes(&self) -> u64 {
         match &self.content {
@@ -220,6 +238,29 @@ mod tests {
         assert_eq!(chunk_span(CHUNK_SIZE - 1, 2), 0..2);
         assert_eq!(chunk_span(CHUNK_SIZE, CHUNK_SIZE), 1..2);
         assert_eq!(chunk_span(3 * CHUNK_SIZE, 0), 3..3);
+    }
+
+    #[test]
+    fn chunks_dropped_by_a_new_version_are_the_ones_it_no_longer_names() {
+        let r = |n: u8| ChunkRef {
+            address: Address([n; 32]),
+            len: CHUNK_SIZE as u32,
+        };
+        let mut old = file();
+        old.content = Content::Chunks([(0, r(1)), (1, r(2)), (2, r(3))].into());
+        let mut next = old.clone();
+        next.content = Content::Chunks([(0, r(1)), (1, r(4))].into());
+        assert_eq!(
+            old.chunks_dropped_by(&next),
+            [Address([2; 32]), Address([3; 32])]
+        );
+        assert!(next.chunks_dropped_by(&next).is_empty());
+        // A chunk that moved to another index is still named.
+        next.content = Content::Chunks([(5, r(2)), (6, r(1)), (7, r(3))].into());
+        assert!(old.chunks_dropped_by(&next).is_empty());
+        next.content = Content::Inline(b"small now".to_vec());
+        assert_eq!(old.chunks_dropped_by(&next).len(), 3);
+        assert!(next.chunks_dropped_by(&old).is_empty());
     }
 
     #[test]

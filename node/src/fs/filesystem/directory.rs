@@ -351,6 +351,10 @@ impl VolumeFs {
                     bytes: -(inode.stored_bytes() as i64),
                     files: -1,
                 });
+                // An open file keeps its chunks until its last handle goes.
+                if self.open_state(ino).is_none() {
+                    self.unreferenced(inode.chunk_addresses().collect());
+                }
                 Ok(())
             }
             Ok(_) | Err(Errno::ENOENT) => Ok(()),

@@ -41,6 +41,13 @@ impl VolumeFs {
             files.remove(&ino);
             drop(files);
             self.cache_inode(&f.inode, f.version);
+            if f.inode.nlink == 0 {
+                // The last handle on an unlinked file: nothing names its
+                // chunks any more.
+                let mut gone = f.dropped.clone();
+                gone.extend(f.inode.chunk_addresses());
+                self.unreferenced(gone);
+            }
         }
     }
 
@@ -327,7 +334,8 @@ impl VolumeFs {
             let from = offset.max(chunk_start);
             let to = end.min(chunk_start + CHUNK_SIZE);
             if !f.dirty.contains_key(&index) {
-                let existing = if let Some((d, _)) = f.uploading.remove(&index) {
+                let existing = if let Some((d, task)) = f.uploading.remove(&index) {
+                    f.discarded.push(task);
                     d.to_vec()
                 } else if !partial(index) {
                     Vec::new()
@@ -380,6 +388,12 @@ impl VolumeFs {
             let task = self.upload(data.clone()).await;
             f.uploading.insert(index, (data, task));
         }
+        let mut dropped = std::mem::take(&mut f.dropped);
+        for task in std::mem::take(&mut f.discarded) {
+            if let Ok(Ok(chunk)) = task.await {
+                dropped.push(chunk.address);
+            }
+        }
         let uploading = std::mem::take(&mut f.uploading);
         let mut uploaded = BTreeMap::new();
         let mut failed = None;
@@ -397,36 +411,53 @@ impl VolumeFs {
             }
         }
         if let Content::Chunks(chunks) = &mut f.inode.content {
-            chunks.extend(uploaded);
+            for (index, chunk) in uploaded {
+                if let Some(replaced) = chunks.insert(index, chunk) {
+                    dropped.push(replaced.address);
+                }
+            }
         }
         if let Some(e) = failed {
+            f.dropped = dropped;
             return Err(e);
         }
         if f.inode.nlink == 0 {
+            // Unlinked: its chunks go with its last handle.
+            f.dropped = dropped;
             f.changed = false;
             return Ok(());
         }
         let ours = f.inode.clone();
-        let (_, now) = self
+        let committed = self
             .cache
             .update::<Inode, _>(&Self::inode_name(ino), |cur: Option<&Inode>| {
-                let next = match cur {
-                    None => ours.clone(),
-                    Some(cur) => {
-                        let mut next = cur.clone();
-                        next.content = ours.content.clone();
-                        next.size = ours.size;
-                        next.mtime = ours.mtime;
-                        next.ctime = crate::fs::now();
-                        next
-                    }
+                let Some(cur) = cur else {
+                    return (Some(ours.clone()), Vec::new());
                 };
-                (Some(next), ())
+                let mut next = cur.clone();
+                next.content = ours.content.clone();
+                next.size = ours.size;
+                next.mtime = ours.mtime;
+                next.ctime = crate::fs::now();
+                let replaced = cur.chunks_dropped_by(&next);
+                (Some(next), replaced)
             })
-            .await
-            .map_err(meta_errno)?;
-        let (inode, version) = now.ok_or(Errno::EIO)?;
+            .await;
+        let (replaced, now) = match committed {
+            Ok((replaced, Some(now))) => (replaced, now),
+            failed => {
+                f.dropped = dropped;
+                return Err(failed.map_or_else(meta_errno, |_| Errno::EIO));
+            }
+        };
+        let (inode, version) = now;
         let inode = Arc::unwrap_or_clone(inode);
+        dropped.extend(replaced);
+        let named: std::collections::HashSet<Address> = inode.chunk_addresses().collect();
+        dropped.retain(|a| !named.contains(a));
+        dropped.sort_unstable();
+        dropped.dedup();
+        self.unreferenced(dropped);
         let stored = inode.stored_bytes();
         self.add_usage(Usage {
             bytes: stored as i64 - f.committed_bytes as i64,

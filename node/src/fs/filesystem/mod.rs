@@ -36,6 +36,7 @@ use tracing::warn;
 
 mod directory;
 mod file;
+mod reclaim;
 
 use super::chunk_cache::ChunkCache;
 use super::meta::{Meta, MetaError, VolumeKeys};
@@ -80,6 +81,11 @@ struct OpenFile {
     uploading: BTreeMap<u64, Upload>,
     /// Whether the working copy differs from the committed version.
     changed: bool,
+    /// Uploads that a later write or a truncate made useless: their chunks
+    /// go once they land (see [`reclaim`]).
+    discarded: Vec<JoinHandle<Result<ChunkRef, Errno>>>,
+    /// Chunks the working copy stopped naming that its next commit frees.
+    dropped: Vec<Address>,
     /// Bytes the committed version stores (for usage accounting).
     committed_bytes: u64,
     /// Where the last read ended, to detect sequential reading.
@@ -96,6 +102,8 @@ impl OpenFile {
             dirty: BTreeMap::new(),
             uploading: BTreeMap::new(),
             changed: false,
+            discarded: Vec::new(),
+            dropped: Vec::new(),
             last_read_end: 0,
         }
     }
@@ -153,6 +161,8 @@ pub struct VolumeFs {
     next_handle: AtomicU64,
     usage: Mutex<UsageState>,
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Chunks no file names any more, until they can be released.
+    unreferenced: Mutex<reclaim::Unreferenced>,
     /// Who owns the chunks this volume writes: its writer key (deleting the
     /// volume drops every chunk it owns).
     owner: PublicKey,
@@ -226,6 +236,7 @@ impl VolumeFs {
             next_handle: AtomicU64::new(1),
             usage: Mutex::default(),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
+            unreferenced: Mutex::default(),
             owner,
         })
     }
@@ -243,9 +254,11 @@ impl VolumeFs {
         Ok(())
     }
 
-    /// Commits everything and leaves the volume's mounts (unmount).
+    /// Commits everything, frees the chunks that leaves unnamed, and
+    /// leaves the volume's mounts (unmount).
     pub async fn stop(&self) {
         self.commit_all().await;
+        self.reclaim().await;
         self.cache.stop().await;
     }
 
@@ -496,16 +509,19 @@ impl VolumeFs {
                 return Err(Errno::EISDIR);
             }
             f.dirty.retain(|&i, _| i * CHUNK_SIZE < size);
-            f.uploading.retain(|&i, _| i * CHUNK_SIZE < size);
             let keep = size % CHUNK_SIZE;
             let last = size / CHUNK_SIZE;
+            let cut = f.uploading.split_off(&last);
+            for (index, (data, task)) in cut {
+                f.discarded.push(task);
+                if index == last && keep > 0 {
+                    let mut data = data.to_vec();
+                    data.truncate(keep as usize);
+                    f.dirty.insert(last, data);
+                }
+            }
             if let Some(chunk) = f.dirty.get_mut(&last) {
                 chunk.truncate(keep as usize);
-            }
-            if let Some((data, _)) = f.uploading.remove(&last) {
-                let mut data = data.to_vec();
-                data.truncate(keep as usize);
-                f.dirty.insert(last, data);
             }
             f.inode.truncate(size);
             f.inode.mtime = super::now();
