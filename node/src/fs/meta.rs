@@ -51,8 +51,9 @@ pub trait Sealed: Sized {
     fn rank(&self) -> u8 {
         0
     }
-    /// Whether a block in this state that never reached its quorum need
-    /// not reach it at all (nothing can refer to it any more).
+    /// Whether a block in this state need not reach its quorum: nothing
+    /// can refer to it any more. A mount that holds its volume alone then
+    /// writes nothing of it (it keeps the state in its copy).
     fn vanished(&self) -> bool {
         false
     }
@@ -70,7 +71,8 @@ macro_rules! sealed {
 
 sealed!(
     // An inode whose last link went: a file created and removed before
-    // its mount committed it never reaches the cluster.
+    // its mount committed it never reaches the cluster, and the removal of
+    // one committed before is its directory entry's removal alone.
     shoal_core::fs::Inode {
         fn vanished(&self) -> bool {
             self.nlink == 0

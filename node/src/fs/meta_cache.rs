@@ -103,7 +103,7 @@ struct Slot {
     dirty: Option<u64>,
     encode: fn(&Value) -> Vec<u8>,
     rank: u8,
-    /// The value need not be written if the block never was.
+    /// The value need not be written: nothing refers to the block.
     vanished: bool,
     /// Not written yet and named by a number drawn at random.
     unique: bool,
@@ -749,13 +749,16 @@ impl MetaCache {
         let _one = self.flush_lock.lock().await;
         let mut pending: Vec<Pending> = {
             let mut slots = self.slots.lock().expect("slots");
-            // Never written and gone already: nothing to write or keep.
+            // Gone: nothing refers to the block any more, so its quorum
+            // need not learn it. One never written is forgotten; one
+            // written keeps there the last version anything named.
             slots.retain(|_, s| {
-                let skip = s.unique && s.vanished && s.dirty.is_some();
-                if skip {
-                    self.dirty.fetch_sub(1, Ordering::Relaxed);
+                if !(s.vanished && s.dirty.is_some()) {
+                    return true;
                 }
-                !skip
+                self.dirty.fetch_sub(1, Ordering::Relaxed);
+                s.dirty = None;
+                !s.unique
             });
             slots
                 .iter()
