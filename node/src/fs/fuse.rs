@@ -511,7 +511,7 @@ impl fuser::Filesystem for ShoalFuse {
         let notifier = self.notifier.clone();
         self.spawn(
             move |fs| async move {
-                let written = fs.write(fh.0, offset, &data).await?;
+                let written = fs.write(fh.0, offset, data).await?;
                 let dropped = unprivileged && fs.drop_privileges(ino.0).await?;
                 Ok((written, dropped))
             },
