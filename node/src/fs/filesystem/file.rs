@@ -318,9 +318,7 @@ impl VolumeFs {
                     inline.resize(end as usize, 0);
                 }
                 inline[offset as usize..end as usize].copy_from_slice(&data);
-                f.inode.size = f.inode.size.max(end);
-                f.inode.mtime = crate::fs::now();
-                f.changed = true;
+                f.written(end);
                 return Ok(data.len() as u32);
             }
             let inline = std::mem::take(inline);
@@ -334,15 +332,8 @@ impl VolumeFs {
             // out as it came, with no copy into a buffer.
             let index = offset / CHUNK_SIZE;
             f.dirty.remove(&index);
-            if let Some((_, task)) = f.uploading.remove(&index) {
-                f.discarded.push(task);
-            }
-            let data = Arc::new(data);
-            let task = self.upload(data.clone()).await;
-            f.uploading.insert(index, (data, task));
-            f.inode.size = f.inode.size.max(end);
-            f.inode.mtime = crate::fs::now();
-            f.changed = true;
+            self.start_upload(&mut f, index, Arc::new(data)).await;
+            f.written(end);
             return Ok(CHUNK_SIZE as u32);
         }
         for index in chunk_span(offset, data.len() as u64) {
@@ -372,20 +363,24 @@ impl VolumeFs {
             // A full chunk goes out now, in parallel with further writes.
             if buf.len() as u64 == CHUNK_SIZE && to == chunk_start + CHUNK_SIZE {
                 let data = Arc::new(f.dirty.remove(&index).expect("present"));
-                let task = self.upload(data.clone()).await;
-                f.uploading.insert(index, (data, task));
+                self.start_upload(&mut f, index, data).await;
             }
         }
         while f.dirty.len() > MAX_DIRTY {
             let (index, data) = f.dirty.pop_first().expect("non-empty");
-            let data = Arc::new(data);
-            let task = self.upload(data.clone()).await;
-            f.uploading.insert(index, (data, task));
+            self.start_upload(&mut f, index, Arc::new(data)).await;
         }
-        f.inode.size = f.inode.size.max(end);
-        f.inode.mtime = crate::fs::now();
-        f.changed = true;
+        f.written(end);
         Ok(data.len() as u32)
+    }
+
+    /// Starts the upload of chunk `index` of an open file; an upload of
+    /// the same chunk still on its way is of no use any more.
+    async fn start_upload(&self, f: &mut OpenFile, index: u64, data: Arc<Vec<u8>>) {
+        let task = self.upload(data.clone()).await;
+        if let Some((_, stale)) = f.uploading.insert(index, (data, task)) {
+            f.discarded.push(stale);
+        }
     }
 
     /// Makes an open file's changes durable: uploads what is buffered, then
@@ -401,8 +396,7 @@ impl VolumeFs {
             .map(|(i, d)| (i, Arc::new(d)))
             .collect();
         for (index, data) in dirty {
-            let task = self.upload(data.clone()).await;
-            f.uploading.insert(index, (data, task));
+            self.start_upload(&mut f, index, data).await;
         }
         let mut dropped = std::mem::take(&mut f.dropped);
         for task in std::mem::take(&mut f.discarded) {

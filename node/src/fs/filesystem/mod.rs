@@ -93,6 +93,13 @@ struct OpenFile {
 }
 
 impl OpenFile {
+    /// Records a write that ended at `end`.
+    fn written(&mut self, end: u64) {
+        self.inode.size = self.inode.size.max(end);
+        self.inode.mtime = super::now();
+        self.changed = true;
+    }
+
     /// A file opened at its committed version.
     fn at(inode: Inode, version: u64) -> Self {
         Self {
