@@ -302,6 +302,10 @@ impl BlockStore {
 
     /// Drops `owner`'s claims made by `issued_ms` on `addresses`, deleting
     /// the blocks no one else claims; returns the blocks and bytes freed.
+    /// The index changes reach the disk with one sync at the end, and only
+    /// then are the blocks' bytes punched out of their segments: a crash
+    /// before it leaves blocks claimed and whole, never an entry whose
+    /// bytes are gone.
     pub fn release(
         &self,
         owner: &[u8; 32],
@@ -311,8 +315,7 @@ impl BlockStore {
         let meta = self.db.cf_handle(CF_META).expect("meta column family");
         let blocks = self.db.cf_handle(CF_BLOCKS).expect("blocks column family");
         let (mut freed_blocks, mut freed_bytes) = (0, 0);
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
+        let (mut dropped, mut punched) = (false, Vec::new());
         for address in addresses {
             let _writer = self.writer(stripe(address));
             // A claim made after the request (the block stored again) stands.
@@ -334,25 +337,27 @@ impl BlockStore {
                 .take_while(|(k, _)| k.starts_with(claims))
                 .any(|(k, _)| &k[claims.len()..] != owner.as_slice());
             let mut freed = 0;
-            let mut in_segment = None;
             if !others && let Some(value) = self.db.get_pinned_cf(blocks, address.as_bytes())? {
-                in_segment = extent(address, &value);
+                let in_segment = extent(address, &value);
                 freed = in_segment.map_or(value.len() as u64, |e| e.len);
+                punched.extend(in_segment.map(|e| (*address, e)));
                 batch.delete_cf(blocks, address.as_bytes());
                 batch.merge_cf(meta, KEY_USED, (-(freed as i64)).to_le_bytes());
             }
-            self.db.write_opt(batch, &sync)?;
-            if let Some(extent) = in_segment {
-                // Gone from the index first: a crash between leaves a range
-                // no one reads, never an index entry without its bytes.
-                if let Err(e) = self.segments.free(&extent) {
-                    tracing::warn!("cannot give back the space of block {address}: {e}");
-                }
-            }
+            self.db.write(batch)?;
+            dropped = true;
             if freed > 0 {
                 self.used.fetch_sub(freed, Ordering::AcqRel);
                 freed_blocks += 1;
                 freed_bytes += freed;
+            }
+        }
+        if dropped {
+            self.db.flush_wal(true)?;
+        }
+        for (address, extent) in punched {
+            if let Err(e) = self.segments.free(&extent) {
+                tracing::warn!("cannot give back the space of block {address}: {e}");
             }
         }
         Ok((freed_blocks, freed_bytes))
