@@ -33,6 +33,9 @@ stop_cluster() {
 trap stop_cluster EXIT
 
 for fs in $FS; do
+  # Writes still on their way to the disk from before (a build, the last
+  # filesystem's files) would slow the next one's sequential phases.
+  sync
   case $fs in
     shoal)
       rm -rf "$WORK" && mkdir -p "$WORK" "$MNT"
