@@ -670,10 +670,10 @@ impl Blocks {
         let view = self.view();
         let asked = view.reachable().map(|node| {
             let request = request.clone();
-            let only = only.map(<[Address]>::to_vec);
             async move {
                 if node.id == self.me {
                     let store = self.store.clone();
+                    let only = only.map(<[Address]>::to_vec);
                     return tokio::task::spawn_blocking(move || match only {
                         None => store.delete_owned(&public.0, issued_ms),
                         Some(addresses) => store.release(&public.0, issued_ms, &addresses),

@@ -703,9 +703,12 @@ impl MetaCache {
         }
     }
 
-    /// Whether every change made before `mark` is on its quorum.
-    pub fn committed(&self, mark: &Mark) -> bool {
-        !self.waiting_before(mark.seq)
+    /// Every change numbered below this is on its quorum: a mark at or
+    /// below it is committed.
+    pub fn committed_below(&self) -> u64 {
+        let next = self.seq.load(Ordering::Relaxed);
+        let slots = self.slots.lock().expect("slots");
+        slots.values().filter_map(|s| s.dirty).min().unwrap_or(next)
     }
 
     /// Whether other mounts may have seen, or written over, the changes
@@ -722,19 +725,11 @@ impl MetaCache {
         mode.exclusive && Instant::now() < mode.trusted_until
     }
 
-    fn waiting_before(&self, seq: u64) -> bool {
-        self.slots
-            .lock()
-            .expect("slots")
-            .values()
-            .any(|s| s.dirty.is_some_and(|d| d < seq))
-    }
-
     /// Commits every change made before it was called.
     pub async fn barrier(&self) -> Result<(), MetaError> {
         let target = self.seq.load(Ordering::Relaxed);
         for _ in 0..BARRIER_ROUNDS {
-            if !self.waiting_before(target) {
+            if self.committed_below() >= target {
                 return Ok(());
             }
             self.flush().await?;

@@ -31,7 +31,7 @@ impl VolumeFs {
     /// Drops one use of an open file; the last one forgets it, unless it
     /// holds changes not yet committed.
     pub(super) async fn release_file(&self, ino: u64, file: &SharedFile) {
-        let f = file.lock().await;
+        let mut f = file.lock().await;
         let mut files = self.files.lock().expect("files");
         let Some((uses, _)) = files.get_mut(&ino) else {
             return;
@@ -44,7 +44,7 @@ impl VolumeFs {
             if f.inode.nlink == 0 {
                 // The last handle on an unlinked file: nothing names its
                 // chunks any more.
-                let mut gone = f.dropped.clone();
+                let mut gone = std::mem::take(&mut f.dropped);
                 gone.extend(f.inode.chunk_addresses());
                 self.unreferenced(gone);
             }
@@ -463,11 +463,13 @@ impl VolumeFs {
         let (inode, version) = now;
         let inode = Arc::unwrap_or_clone(inode);
         dropped.extend(replaced);
-        let named: std::collections::HashSet<Address> = inode.chunk_addresses().collect();
-        dropped.retain(|a| !named.contains(a));
-        dropped.sort_unstable();
-        dropped.dedup();
-        self.unreferenced(dropped);
+        if !dropped.is_empty() {
+            let named: std::collections::HashSet<Address> = inode.chunk_addresses().collect();
+            dropped.retain(|a| !named.contains(a));
+            dropped.sort_unstable();
+            dropped.dedup();
+            self.unreferenced(dropped);
+        }
         let stored = inode.stored_bytes();
         self.add_usage(Usage {
             bytes: stored as i64 - f.committed_bytes as i64,

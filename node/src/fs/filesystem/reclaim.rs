@@ -4,7 +4,8 @@
 //!
 //! A chunk is released (its replicas drop the volume's claim and delete it)
 //! only when nothing can still need it:
-//! - the change that dropped it is on its quorum;
+//! - the change that dropped it is on its quorum
+//!   ([`MetaCache::committed_below`]);
 //! - the mount has held the volume alone since before that change, and
 //!   still does: no other mount reads an older version of the file, or
 //!   writes one back (see [`MetaCache::unsettled_since`]);
@@ -91,11 +92,12 @@ impl VolumeFs {
     /// Releases the queued chunks that nothing can need any more (see the
     /// module's documentation); returns how many it released.
     pub async fn reclaim(&self) -> usize {
+        let committed = self.cache.committed_below();
         let ready = self
             .unreferenced
             .lock()
             .expect("unreferenced")
-            .take_committed(|mark| self.cache.committed(mark));
+            .take_committed(|mark| mark.seq <= committed);
         if ready.is_empty() {
             return 0;
         }
