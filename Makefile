@@ -3,15 +3,28 @@
 # profile, so RocksDB is compiled once.
 CARGO ?= cargo
 
-.PHONY: deps kube up test bench bench-mutable bench-fs bench-csi sim lint manifests kind
+KUBE_DIR ?= $(CURDIR)/kube-cluster
+
+.PHONY: deps kube kube-up kube-down up test bench bench-mutable bench-fs bench-csi sim lint manifests kind
 
 deps:
 	@scripts/install-deps.sh
 
-## kube-apiserver and kube-controller-manager from Debian's kubernetes
-## source, built once and cached, for the operator's integration test.
+## kube-apiserver, kube-controller-manager, kube-scheduler and kubelet from
+## Debian's kubernetes source, built once and cached, for the Kubernetes tests.
 kube:
-	@e2e/kube/build-apiserver.sh
+	@e2e/kube/build-kubernetes.sh
+
+## A local Kubernetes cluster (3 kubelet nodes in 3 zones, containerd) in
+## $(KUBE_DIR), with Shoal's images built from this tree loaded; see
+## docs/kubernetes.md. `make kube-down` stops it.
+kube-up: deps kube
+	$(CARGO) build --workspace --bins
+	e2e/kube/build-images.sh $(KUBE_DIR)/images
+	e2e/kube/start-cluster.sh $(KUBE_DIR)
+
+kube-down:
+	e2e/kube/stop-cluster.sh $(KUBE_DIR)
 
 ## Start a local 3-peer cluster on loopback (Ctrl-C stops it).
 up: deps

@@ -1,39 +1,53 @@
 #!/usr/bin/env bash
 # start-apiserver.sh DIR — run a throw-away Kubernetes 1.20 control plane
-# (etcd + kube-apiserver + kube-controller-manager) on 127.0.0.1 with all
-# state in DIR, wait until it is ready, and exit 0 leaving it running.
+# (etcd + kube-apiserver + kube-controller-manager, and kube-scheduler when
+# asked) with all state in DIR, wait until it is ready, and exit 0 leaving
+# it running.
 #
-# Needs the binaries cached by build-apiserver.sh (in
+# Needs the binaries cached by build-kubernetes.sh (in
 # ${SHOAL_KUBE_CACHE:-/var/cache/shoal/kube}/bin); installs etcd-server and
 # openssl with apt-get when missing.
 #
 # Output in DIR:
-#   kubeconfig   admin (system:masters) client cert, server https://127.0.0.1:PORT
+#   kubeconfig   admin (system:masters) client cert, server https://ADDRESS:PORT
 #   env          shell-sourceable ports/URLs (SHOAL_KUBE_APISERVER_URL, ...)
-#   pids         one PID a line: etcd, kube-apiserver, kube-controller-manager
+#   pids         one PID a line: etcd, kube-apiserver, kube-controller-manager[, kube-scheduler]
 #   *.log        process logs; pki/ certificates and keys; etcd/ data
 # Stop with stop-apiserver.sh DIR.
 #
-# Ports: three consecutive free ports from a random base in 20000-32699 (etcd
-# client, etcd peer, apiserver): below Linux's ephemeral range (32768+) so
-# outgoing connections cannot take them, and away from a system etcd on 2379,
-# so parallel instances do not collide. SHOAL_KUBE_PORT_BASE=N pins them to N, N+1, N+2. The
-# controller-manager serves no port at all (--port=0 --secure-port=0).
-# SHOAL_KUBE_READY_TIMEOUT (s, default 120) bounds the wait.
+# By default everything listens on 127.0.0.1 only. Ports: three consecutive
+# free ports from a random base in 20000-32699 (etcd client, etcd peer,
+# apiserver): below Linux's ephemeral range (32768+) so outgoing connections
+# cannot take them, and away from a system etcd on 2379, so parallel
+# instances do not collide. SHOAL_KUBE_PORT_BASE=N pins them to N, N+1, N+2.
+# The controller-manager and scheduler serve no port at all.
+#
+# For a cluster with kubelets (start-cluster.sh runs this inside the network
+# namespace it made), SHOAL_KUBE_ADDRESS=IP serves the API on that address
+# as well as loopback, advertises it as the `kubernetes` Service's endpoint,
+# and authorises kubelets (Node authorizer, NodeRestriction);
+# SHOAL_KUBE_SERVICE_CIDR sets the Service range (its first address is the
+# `kubernetes` Service's ClusterIP, in the serving certificate);
+# SHOAL_KUBE_API_PORT pins the API port; SHOAL_KUBE_SCHEDULER=1 starts
+# kube-scheduler. SHOAL_KUBE_READY_TIMEOUT (s, default 120) bounds the wait.
 set -euo pipefail
 
-log() { echo "[start-apiserver $(date -u +%H:%M:%S)] $*"; }
-die() { log "ERROR: $*"; exit 1; }
+NAME=start-apiserver
+# shellcheck source=e2e/kube/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 [[ $# -eq 1 ]] || die "usage: $0 DIR"
 mkdir -p "$1"
 DIR=$(cd "$1" && pwd -P) # absolute: the stop script matches it in /proc/PID/cmdline
 CACHE=${SHOAL_KUBE_CACHE:-/var/cache/shoal/kube}
-APISERVER=$CACHE/bin/kube-apiserver
-KCM=$CACHE/bin/kube-controller-manager
+BIN=$CACHE/bin
 TIMEOUT=${SHOAL_KUBE_READY_TIMEOUT:-120}
-[[ -x $APISERVER && -x $KCM ]] ||
-    die "no cached binaries in $CACHE/bin; run $(dirname "$0")/build-apiserver.sh first"
+ADDRESS=${SHOAL_KUBE_ADDRESS:-}
+SERVICE_CIDR=${SHOAL_KUBE_SERVICE_CIDR:-127.240.0.0/16}
+SCHEDULER=${SHOAL_KUBE_SCHEDULER:-0}
+for b in kube-apiserver kube-controller-manager kube-scheduler; do
+    [[ -x $BIN/$b ]] || die "no cached $b in $BIN; run $(dirname "$0")/build-kubernetes.sh first"
+done
 command -v kubectl >/dev/null || die "kubectl not found"
 
 if [[ -s $DIR/pids ]]; then
@@ -46,17 +60,8 @@ if [[ -s $DIR/pids ]]; then
 fi
 
 # --- packages ------------------------------------------------------------
-missing=()
-command -v etcd >/dev/null || missing+=(etcd-server)
-command -v openssl >/dev/null || missing+=(openssl)
-command -v curl >/dev/null || missing+=(curl)
-if ((${#missing[@]})); then
-    log "apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    # Installing etcd-server may start a system etcd on 2379; we never use 2379.
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+# Installing etcd-server may start a system etcd on 2379; we never use 2379.
+need_commands etcd=etcd-server openssl=openssl curl=curl
 
 # --- ports ---------------------------------------------------------------
 port_busy() { (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
@@ -75,115 +80,47 @@ else
 fi
 ETCD_PORT=$BASE
 ETCD_PEER_PORT=$((BASE + 1))
-API_PORT=$((BASE + 2))
+API_PORT=${SHOAL_KUBE_API_PORT:-$((BASE + 2))}
 for p in $ETCD_PORT $ETCD_PEER_PORT $API_PORT; do
     port_busy "$p" && die "port $p on 127.0.0.1 is in use"
 done
 log "ports: etcd $ETCD_PORT (peer $ETCD_PEER_PORT), kube-apiserver $API_PORT"
 
 # --- PKI -----------------------------------------------------------------
-# Generated once per DIR. Certificates are X.509 v3 with SANs, CA:TRUE only on
-# the CA and EKUs set, because rustls/webpki (kube-rs) rejects anything less.
+# Generated once per DIR.
 PKI=$DIR/pki
-mkdir -p "$PKI"
-if [[ ! -s $PKI/admin.crt ]]; then
-    log "generating CA, serving cert, admin client cert, service-account key"
-    (
-        cd "$PKI"
-        umask 077
-        openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -sha256 \
-            -keyout ca.key -out ca.crt -subj "/CN=shoal-e2e-ca" \
-            -addext "basicConstraints=critical,CA:TRUE" \
-            -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
-        # sign NAME SUBJ EXTENSIONS...
-        sign() {
-            local name=$1 subj=$2
-            shift 2
-            printf '%s\n' "$@" >"$name.ext"
-            openssl req -new -newkey rsa:2048 -nodes -keyout "$name.key" \
-                -out "$name.csr" -subj "$subj" 2>/dev/null
-            openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key \
-                -CAcreateserial -days 3650 -sha256 -extfile "$name.ext" \
-                -out "$name.crt" 2>/dev/null
-            rm -f "$name.csr" "$name.ext"
-        }
-        sign apiserver "/CN=kube-apiserver" \
-            "basicConstraints=critical,CA:FALSE" \
-            "keyUsage=critical,digitalSignature,keyEncipherment" \
-            "extendedKeyUsage=serverAuth" \
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-        # O=system:masters is bound to cluster-admin by RBAC's bootstrap policy.
-        sign admin "/O=system:masters/CN=shoal-admin" \
-            "basicConstraints=critical,CA:FALSE" \
-            "keyUsage=critical,digitalSignature,keyEncipherment" \
-            "extendedKeyUsage=clientAuth"
-        openssl genrsa -out sa.key 2048 2>/dev/null
-        openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-        chmod 644 ./*.crt sa.pub
-    )
-fi
-
-# Self-contained kubeconfig (certs embedded) so it can be copied or read by
-# any client library. The controller-manager uses it too.
-b64() { base64 -w0 <"$1"; }
-cat >"$DIR/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: shoal-e2e
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority-data: $(b64 "$PKI/ca.crt")
-users:
-- name: shoal-admin
-  user:
-    client-certificate-data: $(b64 "$PKI/admin.crt")
-    client-key-data: $(b64 "$PKI/admin.key")
-contexts:
-- name: shoal-e2e
-  context:
-    cluster: shoal-e2e
-    user: shoal-admin
-    namespace: default
-current-context: shoal-e2e
-EOF
-chmod 600 "$DIR/kubeconfig"
+make_ca "$PKI"
+# The `kubernetes` Service's ClusterIP: the first address of the range.
+SERVICE_IP=$(python3 -c "import ipaddress,sys; print(ipaddress.ip_network(sys.argv[1])[1])" "$SERVICE_CIDR")
+SANS="IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+[[ -n $ADDRESS ]] && SANS+=",IP:$ADDRESS"
+server_cert "$PKI" apiserver "/CN=kube-apiserver" "$SANS"
+# O=system:masters is bound to cluster-admin by RBAC's bootstrap policy.
+client_cert "$PKI" admin "/O=system:masters/CN=shoal-admin"
+HOST=${ADDRESS:-127.0.0.1}
+# Self-contained kubeconfig so it can be copied or read by any client
+# library. The controller-manager and scheduler use it too.
+write_kubeconfig "$DIR/kubeconfig" "https://$HOST:$API_PORT" "$PKI" admin
 cat >"$DIR/env" <<EOF
-SHOAL_KUBE_APISERVER_URL=https://127.0.0.1:$API_PORT
+SHOAL_KUBE_APISERVER_URL=https://$HOST:$API_PORT
 SHOAL_KUBE_APISERVER_PORT=$API_PORT
 SHOAL_KUBE_ETCD_URL=http://127.0.0.1:$ETCD_PORT
 KUBECONFIG=$DIR/kubeconfig
 EOF
 
 # --- processes -----------------------------------------------------------
-PIDS=()
 cleanup_on_failure() {
     local rc=$?
     if ((rc != 0)) && ((${#PIDS[@]})); then
         log "start failed; stopping ${PIDS[*]}"
         kill "${PIDS[@]}" 2>/dev/null || true
-        for f in etcd kube-apiserver kube-controller-manager; do
+        for f in etcd kube-apiserver kube-controller-manager kube-scheduler; do
             if [[ -f $DIR/$f.log ]]; then echo "--- tail $DIR/$f.log"; tail -n 25 "$DIR/$f.log"; fi
         done
         rm -f "$DIR/pids"
     fi
 }
 trap cleanup_on_failure EXIT
-
-# setsid + all three std streams redirected: the daemons must not keep the
-# caller's pipes open (a test harness would otherwise wait for them forever)
-# nor die with the caller's process group.
-spawn() {
-    local name=$1
-    shift
-    setsid "$@" </dev/null >"$DIR/$name.log" 2>&1 &
-    PIDS+=($!)
-    echo $! >>"$DIR/pids"
-    log "started $name pid $!"
-}
-
-DEADLINE=$((SECONDS + TIMEOUT))
-alive() { local p; for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || return 1; done; }
 
 : >"$DIR/pids"
 mkdir -p "$DIR/etcd"
@@ -195,42 +132,47 @@ spawn etcd etcd --name shoal-e2e --data-dir "$DIR/etcd" \
     --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster "shoal-e2e=http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster-state new --logger zap --log-level warn
-
 # apiserver would retry etcd itself, but failing here gives a clearer error.
-until curl -fsS -m 2 "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1; do
-    alive || die "etcd exited"
-    ((SECONDS < DEADLINE)) || die "etcd not healthy after ${TIMEOUT}s"
-    sleep 0.5
-done
+wait_until "etcd health" "$TIMEOUT" curl -fsS -m 2 "http://127.0.0.1:$ETCD_PORT/health"
 log "etcd healthy"
 
-# Flags: only loopback is served (--insecure-port=0 closes 1.20's old
-# plain-HTTP port). --endpoint-reconciler-type=none: the apiserver would
-# otherwise try to publish 127.0.0.1 as the `kubernetes` Service endpoint,
-# which validation rejects (loopback). The service CIDR is loopback too, so a
-# ClusterIP that something did try to reach stays on this host (no kube-proxy
-# here anyway). RBAC + the system:masters client cert = cluster-admin.
-spawn kube-apiserver "$APISERVER" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
-    --secure-port "$API_PORT" --insecure-port 0 \
-    --cert-dir "$PKI" \
-    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-    --client-ca-file "$PKI/ca.crt" \
-    --authorization-mode RBAC \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$PKI/sa.pub" \
-    --service-account-signing-key-file "$PKI/sa.key" \
-    --service-cluster-ip-range 127.240.0.0/16 \
-    --endpoint-reconciler-type none \
-    --allow-privileged=true \
-    --profiling=false \
+# --insecure-port=0 closes 1.20's old plain-HTTP port. RBAC + the
+# system:masters client cert = cluster-admin.
+API_FLAGS=(
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT"
+    --secure-port "$API_PORT" --insecure-port 0
+    --cert-dir "$PKI"
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key"
+    --client-ca-file "$PKI/ca.crt"
+    --service-account-issuer https://kubernetes.default.svc.cluster.local
+    --service-account-key-file "$PKI/sa.pub"
+    --service-account-signing-key-file "$PKI/sa.key"
+    --service-cluster-ip-range "$SERVICE_CIDR"
+    --allow-privileged=true
+    --profiling=false
     --v 1
+)
+if [[ -z $ADDRESS ]]; then
+    # Only loopback is served. --endpoint-reconciler-type=none: the
+    # apiserver would otherwise try to publish 127.0.0.1 as the `kubernetes`
+    # Service endpoint, which validation rejects (loopback).
+    API_FLAGS+=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1
+        --endpoint-reconciler-type none --authorization-mode RBAC)
+else
+    # All addresses of the caller's network namespace (ADDRESS, the Service
+    # IP and loopback). Kubelets authenticate with system:node client
+    # certificates; exec and logs reach them with the admin certificate.
+    API_FLAGS+=(--bind-address 0.0.0.0 --advertise-address "$ADDRESS"
+        --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+        --kubelet-client-certificate "$PKI/admin.crt" --kubelet-client-key "$PKI/admin.key"
+        --kubelet-preferred-address-types InternalIP)
+fi
+spawn kube-apiserver "$BIN/kube-apiserver" "${API_FLAGS[@]}"
 
 # One client identity for every controller (admin cert) keeps RBAC setup
 # trivial. No leader election: a single instance, and it starts faster.
 # --flex-volume-plugin-dir: it would otherwise create /usr/libexec/kubernetes.
-spawn kube-controller-manager "$KCM" \
+spawn kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$DIR/kubeconfig" \
     --bind-address 127.0.0.1 --port 0 --secure-port 0 \
     --leader-elect=false \
@@ -241,20 +183,22 @@ spawn kube-controller-manager "$KCM" \
     --flex-volume-plugin-dir "$DIR/flexvolume" \
     --profiling=false \
     --v 1
+if [[ $SCHEDULER == 1 ]]; then
+    spawn kube-scheduler "$BIN/kube-scheduler" \
+        --kubeconfig "$DIR/kubeconfig" \
+        --authentication-kubeconfig "$DIR/kubeconfig" --authorization-kubeconfig "$DIR/kubeconfig" \
+        --bind-address 127.0.0.1 --port 0 --secure-port 0 \
+        --leader-elect=false \
+        --profiling=false \
+        --v 1
+fi
 
 KC=(kubectl --kubeconfig "$DIR/kubeconfig" --request-timeout 5s)
-until "${KC[@]}" get --raw /readyz >/dev/null 2>&1; do
-    alive || die "a control-plane process exited"
-    ((SECONDS < DEADLINE)) || die "kube-apiserver not ready after ${TIMEOUT}s"
-    sleep 1
-done
-log "kube-apiserver ready (/readyz) at https://127.0.0.1:$API_PORT"
+wait_until "kube-apiserver /readyz" "$TIMEOUT" "${KC[@]}" get --raw /readyz
+log "kube-apiserver ready (/readyz) at https://$HOST:$API_PORT"
 
 # The controller-manager creates each namespace's `default` ServiceAccount;
 # Pods are refused until it exists, so wait for it as proof the KCM works.
-until "${KC[@]}" -n default get serviceaccount default >/dev/null 2>&1; do
-    alive || die "a control-plane process exited"
-    ((SECONDS < DEADLINE)) || die "controller-manager did not create default/default SA in ${TIMEOUT}s"
-    sleep 1
-done
+wait_until "the default ServiceAccount (kube-controller-manager)" "$TIMEOUT" \
+    "${KC[@]}" -n default get serviceaccount default
 log "kube-controller-manager working; kubeconfig: $DIR/kubeconfig (pids in $DIR/pids)"

@@ -1,6 +1,6 @@
 //! The operator against a real Kubernetes API server: kube-apiserver and
 //! kube-controller-manager built from Debian's kubernetes source
-//! (`e2e/kube/build-apiserver.sh`) with Debian's etcd, on loopback. There
+//! (`e2e/kube/build-kubernetes.sh`) with Debian's etcd, on loopback. There
 //! are no kubelets, so pods never run: the test checks what the operator
 //! asks of Kubernetes (every object and its spec), how it follows edits,
 //! what it reports, and that deleting the StorageCluster cleans up.
@@ -34,7 +34,7 @@ impl ApiServer {
             .unwrap();
         assert!(
             out.status.success(),
-            "start-apiserver.sh failed (run e2e/kube/build-apiserver.sh first):\n{}\n{}",
+            "start-apiserver.sh failed (run e2e/kube/build-kubernetes.sh first):\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build kube-apiserver and kube-controller-manager once from Debian's
-# `kubernetes` source package (1.20.2, the bookworm upload) and cache them in
+# Build kube-apiserver, kube-controller-manager, kube-scheduler and kubelet
+# once from Debian's `kubernetes` source package (1.20.2, the bookworm
+# upload) and cache them in
 # ${SHOAL_KUBE_CACHE:-/var/cache/shoal/kube}/bin. Exits at once when cached.
 #
 # Why from source: no Kubernetes release binaries can be fetched here; Debian
@@ -17,9 +18,9 @@ set -euo pipefail
 
 CACHE=${SHOAL_KUBE_CACHE:-/var/cache/shoal/kube}
 BIN=$CACHE/bin
-BINS=(kube-apiserver kube-controller-manager)
+BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 
-log() { echo "[build-apiserver $(date -u +%H:%M:%S)] $*"; }
+log() { echo "[build-kubernetes $(date -u +%H:%M:%S)] $*"; }
 
 cached() {
     local b
@@ -54,7 +55,8 @@ fi
 START=$(date +%s)
 
 # --- toolchain -------------------------------------------------------------
-PKGS=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev make curl ca-certificates)
+# rsync: `make gen_openapi` copies the tree's API sources with it.
+PKGS=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev make curl ca-certificates rsync)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
