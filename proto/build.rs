@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/shoal/peer.proto",
                 "proto/shoal/admin.proto",
                 "proto/csi/v1/csi.proto",
+                "proto/kubelet/pluginregistration.proto",
             ],
             &["proto"],
         )?;

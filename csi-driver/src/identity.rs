@@ -55,10 +55,16 @@ impl Identity for Driver {
         }))
     }
 
-    /// Ready once the local peer is a live member of a cluster in which a
-    /// majority of the replicas of a block can be reached: then volumes can
-    /// be created, written and mounted.
+    /// The controller is ready once the local peer is a live member of a
+    /// cluster in which a majority of the replicas of a block can be
+    /// reached: then volumes can be created, written and mounted. The node
+    /// service is ready while it serves: the livenessprobe sidecar restarts
+    /// a plugin that is not, and a node service restarted because its peer
+    /// is away would drop the FUSE connections it keeps for that peer.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        if self.mode == crate::Mode::Node {
+            return Ok(Response::new(ProbeResponse { ready: Some(true) }));
+        }
         let ready = match self.status().await {
             Ok(status) => {
                 let alive = |m: &&Member| m.state == NodeState::Alive as i32;

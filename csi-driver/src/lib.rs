@@ -17,8 +17,10 @@ use tonic::Status;
 use tonic::transport::Channel;
 
 pub mod controller;
+pub mod health;
 pub mod identity;
 pub mod node;
+pub mod registration;
 pub mod request;
 pub mod topology;
 

@@ -31,6 +31,23 @@ struct Args {
     /// there).
     #[arg(long, env = "SHOAL_PEER_DIR", default_value = "/var/lib/shoal")]
     peer_dir: PathBuf,
+    /// Keep the local peer's FUSE connections on this socket (the peer's
+    /// `--fuse-keeper`), so mounts outlive restarts of the peer (node mode).
+    #[arg(long)]
+    fuse_keeper: Option<PathBuf>,
+    /// Register with kubelet through its plugin registration API in this
+    /// directory (kubelet's plugins_registry), instead of a
+    /// node-driver-registrar sidecar (node mode).
+    #[arg(long, requires = "kubelet_endpoint")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as kubelet sees it, e.g.
+    /// /var/lib/kubelet/plugins/csi.shoal.io/csi.sock.
+    #[arg(long)]
+    kubelet_endpoint: Option<String>,
+    /// Serve `GET /healthz` for kubelet's liveness probe on this address,
+    /// instead of a livenessprobe sidecar.
+    #[arg(long)]
+    healthz_listen: Option<std::net::SocketAddr>,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -54,6 +71,23 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let path = socket(&args.endpoint)?;
+    if !args.mode.node() && (args.fuse_keeper.is_some() || args.registration_dir.is_some()) {
+        bail!("--fuse-keeper and --registration-dir are for --mode node or all");
+    }
+    // Held until the process ends: the peer's mounts live while it does.
+    let _keeper = args
+        .fuse_keeper
+        .as_deref()
+        .map(shoal_keeper::Keeper::serve)
+        .transpose()
+        .context("cannot keep FUSE connections")?;
+    if let Some(addr) = args.healthz_listen {
+        tokio::spawn(async move {
+            if let Err(e) = shoal_csi::health::serve(addr).await {
+                tracing::error!("healthz: {e}");
+            }
+        });
+    }
     let driver = Driver::new(args.peer_dir, args.node_id.unwrap_or_default(), args.mode);
     let incoming = shoal_proto::unix::listen(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -67,14 +101,28 @@ async fn main() -> anyhow::Result<()> {
     }
     info!(endpoint = %args.endpoint, mode = ?args.mode, "serving CSI");
     let mut term = signal(SignalKind::terminate())?;
+    let registration = async {
+        match (&args.registration_dir, &args.kubelet_endpoint) {
+            (Some(dir), Some(endpoint)) => {
+                shoal_csi::registration::serve(dir, endpoint.clone()).await
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    let mut refused = None;
     router
-        .serve_with_incoming_shutdown(incoming, async move {
+        .serve_with_incoming_shutdown(incoming, async {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                reason = registration => refused = Some(reason),
             }
         })
         .await?;
+    if let Some(reason) = refused {
+        let _ = std::fs::remove_file(&path);
+        bail!("not registered with kubelet: {}", reason?);
+    }
     let _ = std::fs::remove_file(&path);
     info!("stopped; published volumes stay mounted by the peer");
     Ok(())

@@ -82,8 +82,12 @@ rootfs busybox
 image busybox shoal.local/busybox:1 --cmd '["/bin/sh"]'
 for prog in shoal shoal-csi shoal-operator; do
     rootfs "$prog" "$TARGET/$prog"
-    image "$prog" "ghcr.io/shoal-storage/$prog:$VERSION" --entrypoint "[\"$prog\"]"
 done
+image shoal "ghcr.io/shoal-storage/shoal:$VERSION" --entrypoint '["shoal"]'
+image shoal-csi "ghcr.io/shoal-storage/shoal-csi:$VERSION" --entrypoint '["shoal-csi"]'
+# As operator/Dockerfile's distroless base: the operator runs as nonroot.
+image shoal-operator "ghcr.io/shoal-storage/shoal-operator:$VERSION" \
+    --entrypoint '["shoal-operator"]' --cmd '["run"]' --user 65532
 if [[ -x $TARGET/test-csi-sidecars ]]; then
     rootfs test-csi-sidecars "$TARGET/test-csi-sidecars" "$TARGET/fsync-appender"
     image test-csi-sidecars shoal.local/test-csi-sidecars:1

@@ -2,7 +2,7 @@
 """Pack a directory into an OCI image archive that `ctr image import` loads.
 
     oci-image.py --rootfs DIR --name REF --out FILE.tar \
-        [--entrypoint JSON] [--cmd JSON] [--env K=V]... [--workdir DIR]
+        [--entrypoint JSON] [--cmd JSON] [--env K=V]... [--workdir DIR] [--user UID]
 
 One uncompressed layer holding DIR as it is (owners root, times zero, so the
 same tree gives the same image), a config with the entry point, and an
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--cmd", type=json.loads, default=None)
     p.add_argument("--env", action="append", default=[])
     p.add_argument("--workdir", default="/")
+    p.add_argument("--user", default=None)
     a = p.parse_args()
 
     blobs: dict[str, bytes] = {}
@@ -66,6 +67,8 @@ def main() -> None:
         config["Entrypoint"] = a.entrypoint
     if a.cmd is not None:
         config["Cmd"] = a.cmd
+    if a.user is not None:
+        config["User"] = a.user
     image_config = {
         "architecture": "amd64",
         "os": "linux",

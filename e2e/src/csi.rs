@@ -36,6 +36,19 @@ pub fn mount_capability(mode: Mode, flags: &[&str]) -> VolumeCapability {
     }
 }
 
+/// Where the driver keeps the FUSE connections of the peer in `peer_dir`,
+/// as the Kubernetes DaemonSets have it: the peers of a cluster that uses
+/// it start with [`KEEPER_ARGS`].
+pub fn keeper_socket(peer_dir: &Path) -> PathBuf {
+    peer_dir.join("fuse-keeper.sock")
+}
+
+/// The `shoal node run` flags that hand a peer's FUSE connections to the
+/// keeper of the driver beside it (for [`crate::TestCluster::start_with`]).
+pub const KEEPER_ARGS: &[&str] = &["--fuse-keeper", "{dir}/fuse-keeper.sock"];
+
+/// A `shoal-csi --mode all` process that also keeps its peer's FUSE
+/// connections.
 #[derive(Debug)]
 pub struct CsiDriver {
     pub socket: PathBuf,
@@ -73,6 +86,8 @@ impl CsiDriver {
             .arg(format!("unix://{}", self.socket.display()))
             .args(["--mode", "all", "--node-id", &self.node_id, "--peer-dir"])
             .arg(&self.peer_dir)
+            .arg("--fuse-keeper")
+            .arg(keeper_socket(&self.peer_dir))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

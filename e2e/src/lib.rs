@@ -113,7 +113,8 @@ impl TestCluster {
         Self::start_with(specs, replicas, &[]).await
     }
 
-    /// [`Self::start`] with more `shoal node run` flags for every peer.
+    /// [`Self::start`] with more `shoal node run` flags for every peer
+    /// (`{dir}` in one stands for the peer's data dir).
     pub async fn start_with(
         specs: &[NodeSpec],
         replicas: usize,
@@ -176,7 +177,11 @@ impl TestCluster {
             .args(["--zone", &spec.zone, "--rack", &spec.rack])
             .args(["--capacity", &spec.capacity])
             .args(["--replicas", &self.replicas.to_string()])
-            .args(&self.extra_args)
+            .args(
+                self.extra_args
+                    .iter()
+                    .map(|a| a.replace("{dir}", &dir.to_string_lossy())),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -255,6 +260,28 @@ impl TestCluster {
         let dir = self.peers[i].dir.clone();
         let mut peer = self.launch(spec, dir, join.as_deref()).await?;
         std::mem::swap(&mut self.peers[i], &mut peer);
+        Ok(())
+    }
+
+    /// Stops peer `i` with SIGTERM and waits (at most `limit`) until it
+    /// has exited; SIGKILL after that.
+    pub async fn stop(&mut self, i: usize, limit: Duration) -> anyhow::Result<()> {
+        let Some(mut child) = self.peers[i].child.take() else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + limit;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("peer {i} did not stop within {limit:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use shoal_e2e::csi::{CsiDriver, mount_capability};
+use shoal_e2e::csi::{CsiDriver, KEEPER_ARGS, keeper_socket, mount_capability};
 use shoal_e2e::{TestCluster, is_mounted, spread};
 use shoal_proto::csi_v1::controller_client::ControllerClient;
 use shoal_proto::csi_v1::node_client::NodeClient;
@@ -95,13 +95,57 @@ fn kubelet_target(root: &Path, pod: &str, pv: &str) -> PathBuf {
     dir.join("mount")
 }
 
+/// Where kubelet stages `volume` on the node whose pods' target `target`
+/// is: `<kubelet>/plugins/kubernetes.io/csi/pv/<volume>/globalmount`.
+fn staging(target: &Path, volume: &str) -> PathBuf {
+    let kubelet = target
+        .ancestors()
+        .find(|a| a.ends_with("kubelet"))
+        .expect("a kubelet target");
+    kubelet
+        .join("plugins/kubernetes.io/csi/pv")
+        .join(volume)
+        .join("globalmount")
+}
+
 fn publish_request(volume: &str, target: &Path, cap: VolumeCapability) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
         volume_id: volume.into(),
         target_path: target.display().to_string(),
+        staging_target_path: staging(target, volume).display().to_string(),
         volume_capability: Some(cap),
         ..Default::default()
     }
+}
+
+fn stage_request(volume: &str, target: &Path, cap: VolumeCapability) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging(target, volume).display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+/// NodeStageVolume, as kubelet calls it before a node's first pod of a
+/// volume starts.
+async fn stage(node: &mut NodeClient<Channel>, volume: &str, target: &Path, cap: VolumeCapability) {
+    node.node_stage_volume(stage_request(volume, target, cap))
+        .await
+        .unwrap();
+}
+
+/// NodeUnstageVolume, as kubelet calls it after the node's last pod of a
+/// volume went.
+async fn unstage(node: &mut NodeClient<Channel>, volume: &str, target: &Path) {
+    let staged = staging(target, volume);
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staged.display().to_string(),
+    })
+    .await
+    .unwrap();
+    assert!(!is_mounted(&staged) && !staged.exists());
 }
 
 async fn unpublish(node: &mut NodeClient<Channel>, volume: &str, target: &Path) {
@@ -124,6 +168,7 @@ async fn provision(
     request.volume_content_source = source.clone();
     let volume = create(ctl, request).await.unwrap();
     assert_eq!(volume.content_source, source);
+    stage(node, &volume.volume_id, &target, rwx()).await;
     node.node_publish_volume(publish_request(&volume.volume_id, &target, rwx()))
         .await
         .unwrap();
@@ -227,7 +272,8 @@ async fn csi_conformance_with_mocked_kubelet() {
         .unwrap()
         .into_inner()
         .capabilities;
-    assert_eq!(node_caps.len(), 4, "{node_caps:?}");
+    assert_eq!(node_caps.len(), 5, "{node_caps:?}");
+    assert!(format!("{node_caps:?}").contains("StageUnstageVolume"));
     let info = node
         .node_get_info(NodeGetInfoRequest {})
         .await
@@ -526,8 +572,58 @@ async fn csi_conformance_with_mocked_kubelet() {
         Code::Unimplemented
     );
 
-    // NodePublishVolume: bad requests.
+    // NodeStageVolume: bad requests, then the volume staged once for the
+    // node, idempotently.
     let target = kubelet_target(&root, "pod-1", "pvc-alpha");
+    let bad_stage: Vec<(NodeStageVolumeRequest, Code)> = vec![
+        (
+            NodeStageVolumeRequest {
+                staging_target_path: String::new(),
+                ..stage_request("pvc-alpha", &target, rwx())
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            NodeStageVolumeRequest {
+                staging_target_path: "relative/globalmount".into(),
+                ..stage_request("pvc-alpha", &target, rwx())
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            stage_request(
+                "pvc-alpha",
+                &target,
+                VolumeCapability {
+                    access_type: Some(AccessType::Block(BlockVolume {})),
+                    ..rwx()
+                },
+            ),
+            Code::InvalidArgument,
+        ),
+        (stage_request("pvc-missing", &target, rwx()), Code::NotFound),
+    ];
+    for (request, want) in bad_stage {
+        let shown = format!("{request:?}");
+        assert_eq!(code(node.node_stage_volume(request).await), want, "{shown}");
+    }
+    stage(&mut node, "pvc-alpha", &target, rwx()).await;
+    stage(&mut node, "pvc-alpha", &target, rwx()).await;
+    assert!(is_mounted(&staging(&target, "pvc-alpha")));
+    // Staged again with other settings: refused.
+    assert_eq!(
+        code(
+            node.node_stage_volume(stage_request(
+                "pvc-alpha",
+                &target,
+                mount_capability(Mode::MultiNodeMultiWriter, &["sync"])
+            ))
+            .await
+        ),
+        Code::AlreadyExists
+    );
+
+    // NodePublishVolume: bad requests.
     let bad_publish: Vec<(NodePublishVolumeRequest, Code)> = vec![
         (
             NodePublishVolumeRequest {
@@ -604,6 +700,9 @@ async fn csi_conformance_with_mocked_kubelet() {
     assert_eq!(alpha_tree.len(), 42);
     // Another volume at the same target, or the same one with other
     // settings, is refused.
+    let race_1 = kubelet_target(&root, "pod-4", "pvc-race");
+    let sw = mount_capability(Mode::SingleNodeWriter, &[]);
+    stage(&mut node, "pvc-race", &race_1, sw.clone()).await;
     assert_eq!(
         code(
             node.node_publish_volume(publish_request("pvc-race", &target, rwx()))
@@ -641,9 +740,7 @@ async fn csi_conformance_with_mocked_kubelet() {
         Some(libc::EROFS)
     );
     // A single-node-writer volume takes one target per node.
-    let race_1 = kubelet_target(&root, "pod-4", "pvc-race");
     let race_2 = kubelet_target(&root, "pod-5", "pvc-race");
-    let sw = mount_capability(Mode::SingleNodeWriter, &[]);
     node.node_publish_volume(publish_request("pvc-race", &race_1, sw.clone()))
         .await
         .unwrap();
@@ -918,6 +1015,7 @@ async fn csi_conformance_with_mocked_kubelet() {
         assert!(!is_mounted(t) && !t.exists(), "{} still there", t.display());
     }
     unpublish(&mut node, "pvc-alpha", &target).await;
+    unstage(&mut node, "pvc-alpha", &target).await;
     ctl.delete_volume(DeleteVolumeRequest {
         volume_id: "pvc-alpha".into(),
         ..Default::default()
@@ -932,6 +1030,7 @@ async fn csi_conformance_with_mocked_kubelet() {
         ("pvc-clone", &clone_target),
     ] {
         unpublish(&mut node, volume, t).await;
+        unstage(&mut node, volume, t).await;
         ctl.delete_volume(DeleteVolumeRequest {
             volume_id: volume.into(),
             ..Default::default()
@@ -992,6 +1091,7 @@ async fn csi_conformance_with_mocked_kubelet() {
         Code::InvalidArgument
     );
     unpublish(&mut node, "pvc-race", &race_1).await;
+    unstage(&mut node, "pvc-race", &race_1).await;
     let listed: HashMap<String, i64> = ctl
         .list_volumes(ListVolumesRequest::default())
         .await
@@ -1007,20 +1107,28 @@ async fn csi_conformance_with_mocked_kubelet() {
     assert!(!listed.contains_key("pvc-alpha") && listed.contains_key("pvc-race"));
 }
 
-/// Appends numbered lines to `path`, fsync'ing each, until `stop`; returns
-/// how many appends succeeded and the errors of those that failed.
+/// What an appender saw: for every line it tried, whether the append and
+/// its fsync succeeded, and the longest any one of them took.
+#[derive(Debug, Default)]
+struct Appended {
+    ok: Vec<bool>,
+    errors: Vec<String>,
+    longest: Duration,
+}
+
+/// Appends numbered lines to `path`, fsync'ing each, every 5 ms until
+/// `stop` (at most 10,000 lines, about a minute).
 fn appender(
     path: PathBuf,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+) -> std::thread::JoinHandle<Appended> {
     std::thread::spawn(move || {
-        let mut ok = 0;
-        let mut errors = Vec::new();
-        // Bounded: at most 10,000 appends (about 50 s at 5 ms each).
+        let mut seen = Appended::default();
         for i in 0..10_000 {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
+            let started = Instant::now();
             let result = fs::OpenOptions::new()
                 .append(true)
                 .create(true)
@@ -1029,35 +1137,82 @@ fn appender(
                     f.write_all(format!("line {i}\n").as_bytes())?;
                     f.sync_all()
                 });
-            match result {
-                Ok(()) => ok += 1,
-                Err(e) => errors.push(format!("append {i}: {e}")),
+            seen.longest = seen.longest.max(started.elapsed());
+            seen.ok.push(result.is_ok());
+            if let Err(e) = result {
+                seen.errors.push(format!("append {i}: {e}"));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        (ok, errors)
+        seen
     })
+}
+
+/// Every line whose fsync succeeded is in `log`, in order, and nothing
+/// else is but lines whose fsync failed.
+fn check_log(log: &str, seen: &Appended) {
+    let lines: Vec<usize> = log
+        .lines()
+        .map(|l| l.strip_prefix("line ").unwrap().parse().unwrap())
+        .collect();
+    let mut sorted = lines.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(lines, sorted, "lines out of order or twice");
+    for (i, ok) in seen.ok.iter().enumerate() {
+        if *ok {
+            assert!(
+                lines.binary_search(&i).is_ok(),
+                "line {i} was fsynced and is lost"
+            );
+        }
+    }
+    assert!(lines.iter().all(|&i| i < seen.ok.len()));
+}
+
+/// A cluster whose peers hand their FUSE connections to the keeper of the
+/// shoal-csi beside them, as in Kubernetes, with a volume staged and
+/// published on peer 0's node.
+async fn kept_volume(volume: &str) -> (TestCluster, CsiDriver, PathBuf) {
+    let cluster = TestCluster::start_with(&spread(3, 3), 3, KEEPER_ARGS)
+        .await
+        .unwrap();
+    let root = cluster.root().to_path_buf();
+    let csi = CsiDriver::start(&cluster.peers[0].dir, &root.join("csi.sock"), "node-0")
+        .await
+        .unwrap();
+    create(&mut csi.controller(), create_request(volume, 64 * MIB))
+        .await
+        .unwrap();
+    let target = kubelet_target(&root, "pod-1", volume);
+    let mut node = csi.node();
+    stage(&mut node, volume, &target, rwx()).await;
+    node.node_publish_volume(publish_request(volume, &target, rwx()))
+        .await
+        .unwrap();
+    // The peer has handed the staging mount's connection to the keeper.
+    let keeper = keeper_socket(&cluster.peers[0].dir);
+    let staged = staging(&target, volume);
+    eventually(
+        Duration::from_secs(30),
+        "the keeper to hold the mount",
+        async || {
+            shoal_keeper::Client::connect(&keeper)
+                .and_then(|c| c.list())
+                .is_ok_and(|l| l.iter().any(|(e, _)| Path::new(&e.key) == staged))
+        },
+    )
+    .await;
+    (cluster, csi, target)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn csi_restart_keeps_published_volumes_with_mocked_kubelet() {
-    let cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
-    let root = cluster.root().to_path_buf();
-    let mut csi = CsiDriver::start(&cluster.peers[0].dir, &root.join("csi.sock"), "node-0")
-        .await
-        .unwrap();
-    let mut ctl = csi.controller();
-    create(&mut ctl, create_request("pvc-log", 64 * MIB))
-        .await
-        .unwrap();
-    let target = kubelet_target(&root, "pod-1", "pvc-log");
-    csi.node()
-        .node_publish_volume(publish_request("pvc-log", &target, rwx()))
-        .await
-        .unwrap();
+    let (mut cluster, mut csi, target) = kept_volume("pvc-log").await;
 
-    // A writer appends through the target path while shoal-csi is killed
-    // with SIGKILL and started again.
+    // A writer appends through the target path while shoal-csi (and the
+    // keeper in it) is killed with SIGKILL and started again: the peer
+    // holds the connection meanwhile, and hands it to the new keeper.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = appender(target.join("log"), stop.clone());
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -1065,14 +1220,36 @@ async fn csi_restart_keeps_published_volumes_with_mocked_kubelet() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(is_mounted(&target), "the mount outlives shoal-csi");
     csi.restart().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let keeper = keeper_socket(&cluster.peers[0].dir);
+    eventually(
+        Duration::from_secs(30),
+        "the peer to refill the new keeper",
+        async || {
+            shoal_keeper::Client::connect(&keeper)
+                .and_then(|c| c.list())
+                .is_ok_and(|l| !l.is_empty())
+        },
+    )
+    .await;
+
+    // Then the peer restarts (SIGTERM): the new keeper carries the mount.
+    cluster.stop(0, Duration::from_secs(60)).await.unwrap();
+    cluster.restart(0).await.unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "appends after the restart",
+        async || fs::read_to_string(target.join("log")).is_ok_and(|l| l.lines().count() > 300),
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, errors) = writer.join().unwrap();
-    assert!(errors.is_empty(), "failed writes: {errors:?}");
-    assert!(ok > 20, "only {ok} appends");
-    let log = fs::read_to_string(target.join("log")).unwrap();
-    let expected: String = (0..ok).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(log, expected);
+    let seen = writer.join().unwrap();
+    assert!(seen.errors.is_empty(), "failed writes: {:?}", seen.errors);
+    check_log(&fs::read_to_string(target.join("log")).unwrap(), &seen);
+    println!(
+        "{} appends, longest append+fsync {:.2} s across a restart of shoal-csi and of the peer",
+        seen.ok.len(),
+        seen.longest.as_secs_f64()
+    );
 
     // The restarted driver still serves the volume.
     let stats = csi
@@ -1087,24 +1264,12 @@ async fn csi_restart_keeps_published_volumes_with_mocked_kubelet() {
         .into_inner();
     assert!(!stats.volume_condition.unwrap().abnormal);
     unpublish(&mut csi.node(), "pvc-log", &target).await;
+    unstage(&mut csi.node(), "pvc-log", &target).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn peer_restart_restores_published_volumes_with_mocked_kubelet() {
-    let mut cluster = TestCluster::start(&spread(3, 3), 3).await.unwrap();
-    let root = cluster.root().to_path_buf();
-    let csi = CsiDriver::start(&cluster.peers[0].dir, &root.join("csi.sock"), "node-0")
-        .await
-        .unwrap();
-    let mut ctl = csi.controller();
-    create(&mut ctl, create_request("pvc-db", 64 * MIB))
-        .await
-        .unwrap();
-    let target = kubelet_target(&root, "pod-1", "pvc-db");
-    let mut node = csi.node();
-    node.node_publish_volume(publish_request("pvc-db", &target, rwx()))
-        .await
-        .unwrap();
+async fn a_killed_peer_leaves_its_mounts_to_the_next_with_mocked_kubelet() {
+    let (mut cluster, csi, target) = kept_volume("pvc-db").await;
     let data: Vec<u8> = (0..3 * MIB as usize).map(|i| (i % 253) as u8).collect();
     {
         let mut f = fs::File::create(target.join("table")).unwrap();
@@ -1112,29 +1277,45 @@ async fn peer_restart_restores_published_volumes_with_mocked_kubelet() {
         f.sync_all().unwrap();
     }
 
-    // SIGKILL the peer that hosts the mount: the target path goes stale.
+    // SIGKILL the peer that serves the mount, under a writer: the kernel
+    // mount stays (the keeper holds it), requests wait for the next peer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = appender(target.join("log"), stop.clone());
+    tokio::time::sleep(Duration::from_millis(700)).await;
     cluster.kill(0);
-    let err = fs::metadata(target.join("table")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.restart(0).await.unwrap();
-    let started = Instant::now();
     eventually(
         Duration::from_secs(60),
-        "the target path to work again",
+        "the table readable again",
         async || fs::read(target.join("table")).is_ok_and(|d| d == data),
     )
     .await;
     println!(
-        "published volume back {:.1} s after the peer restarted",
-        started.elapsed().as_secs_f64()
+        "the mount answered again {:.1} s after its peer was killed",
+        killed.elapsed().as_secs_f64()
     );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = writer.join().unwrap();
+    // A peer that dies cannot vouch for what it acknowledged and had not
+    // committed: at most the append in flight fails, with EIO.
+    assert!(seen.errors.len() <= 1, "failed writes: {:?}", seen.errors);
+    for e in &seen.errors {
+        assert!(e.contains("Input/output error"), "{e}");
+    }
+    check_log(&fs::read_to_string(target.join("log")).unwrap(), &seen);
     fs::write(target.join("after-restart"), b"ok").unwrap();
     assert_eq!(fs::read(target.join("after-restart")).unwrap(), b"ok");
 
-    // Unpublished volumes do not come back.
+    // Unpublished and unstaged volumes do not come back.
+    let mut node = csi.node();
     unpublish(&mut node, "pvc-db", &target).await;
+    unstage(&mut node, "pvc-db", &target).await;
     cluster.kill(0);
     cluster.restart(0).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!is_mounted(&target) && !target.exists());
+    let staged = staging(&target, "pvc-db");
+    assert!(!is_mounted(&staged) && !staged.exists());
 }

@@ -323,11 +323,9 @@ fn operator_against_a_real_apiserver() {
     assert_eq!(pod["serviceAccountName"], "main-node");
     let peer = container(pod, "peer");
     assert_eq!(peer["securityContext"]["privileged"], true);
+    assert_eq!(pod["hostNetwork"], true);
     let script = peer["command"][2].as_str().unwrap();
-    assert!(
-        script.contains("--join main-peers.shoal-system.svc:7700"),
-        "{script}"
-    );
+    assert!(script.contains("--retry-join"), "{script}");
     let mounts = peer["volumeMounts"].as_array().unwrap();
     assert!(
         mounts
@@ -335,10 +333,16 @@ fn operator_against_a_real_apiserver() {
             .any(|m| m["mountPath"] == "/var/lib/kubelet"
                 && m["mountPropagation"] == "Bidirectional")
     );
-    let csi = container(pod, "csi-node");
+    let csi_ds = api
+        .wait_for(("daemonset", "main-csi-node", ns), limit, "exists", |o| {
+            o.is_some()
+        })
+        .unwrap();
+    let csi_pod = &csi_ds["spec"]["template"]["spec"];
+    let csi = container(csi_pod, "csi-node");
     assert!(csi["args"].as_array().unwrap().iter().any(|a| a == "node"));
     for sidecar in ["node-driver-registrar", "livenessprobe"] {
-        container(pod, sidecar);
+        container(csi_pod, sidecar);
     }
     let volumes = pod["volumes"].as_array().unwrap();
     assert!(

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::blocks::{BlockConfig, Blocks, error_response};
 use crate::consensus::{self, ClusterNetwork, Consensus, ConsensusConfig, QuorumMaintenance};
+use crate::fs::handover::Handover;
 use crate::fs::{ChunkCache, Mounts, Volumes};
 use crate::gossip::{Gossip, GossipConfig, Member};
 use crate::identity::NodeIdentity;
@@ -46,6 +47,14 @@ pub struct PeerConfig {
     pub repair_interval: Duration,
     /// Keep a copy of what this peer writes, beyond the R replicas.
     pub local_copy: bool,
+    /// Start even when no join address answers, and keep trying them in
+    /// the background until another peer is seen (peers that start at
+    /// once, as a DaemonSet's do, find each other this way).
+    pub retry_join: bool,
+    /// The socket of the keeper that holds this peer's FUSE connections
+    /// while it restarts (see [`crate::fs::handover`]); without one,
+    /// mounts end with the peer.
+    pub fuse_keeper: Option<PathBuf>,
 }
 
 /// The file in the data dir that records published mounts.
@@ -190,6 +199,7 @@ impl Peer {
             blocks.clone(),
             Arc::new(chunk_cache),
             config.dir.join(PUBLISHED_MOUNTS),
+            Handover::new(config.fuse_keeper.clone()),
         ));
         let peer = Self {
             dir: config.dir.clone(),
@@ -201,8 +211,19 @@ impl Peer {
             me,
             _lock: lock,
         };
-        peer.join(&config.join).await?;
-        peer.mounts.restore();
+        match join_cluster(&peer.gossip, &peer.transport, me, &config.join).await {
+            Err(e) if config.retry_join => {
+                warn!("{e}; starting alone and trying again");
+                tokio::spawn(retry_join(
+                    peer.gossip.clone(),
+                    peer.transport.clone(),
+                    me,
+                    config.join.clone(),
+                ));
+            }
+            result => result?,
+        }
+        peer.mounts.restore().await;
         let last_repair = Arc::new(crate::repair::LastPass::default());
         if !config.repair_interval.is_zero() {
             tokio::spawn(crate::repair::run(
@@ -226,43 +247,6 @@ impl Peer {
         &self.gossip
     }
 
-    /// Announces this peer to every reachable join address; fails only if
-    /// none can be reached.
-    async fn join(&self, join: &[String]) -> anyhow::Result<()> {
-        let own = self.transport.local_addr();
-        let mut errors = Vec::new();
-        let mut joined = false;
-        for target in join {
-            let addrs = match tokio::net::lookup_host(target.as_str()).await {
-                Ok(addrs) => addrs.collect::<Vec<_>>(),
-                Err(e) => {
-                    errors.push(format!("{target}: {e}"));
-                    continue;
-                }
-            };
-            for addr in addrs.into_iter().filter(|a| *a != own) {
-                match self.transport.connection(addr).await {
-                    Ok(conn) => match transport::remote_node_id(&conn) {
-                        Some(id) if id == self.me => {}
-                        Some(id) => {
-                            self.gossip.announce(id, addr).await;
-                            joined = true;
-                        }
-                        None => errors.push(format!("{addr}: presented no certificate")),
-                    },
-                    Err(e) => errors.push(e.to_string()),
-                }
-            }
-        }
-        if !join.is_empty() && !joined && !errors.is_empty() {
-            bail!("cannot join the cluster: {}", errors.join("; "));
-        }
-        for e in errors {
-            warn!("join: {e}");
-        }
-        Ok(())
-    }
-
     /// Serves the admin API until `shutdown` resolves, then leaves the
     /// cluster cleanly.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
@@ -276,11 +260,75 @@ impl Peer {
             shutdown,
         )
         .await;
-        self.mounts.unmount_all().await;
+        self.mounts.stop_all().await;
         info!("leaving the cluster");
         self.gossip.leave().await;
         self.transport.close().await;
         result
+    }
+}
+
+/// Announces `me` to every reachable join address; fails only if none can
+/// be reached.
+async fn join_cluster(
+    gossip: &Gossip,
+    transport: &Transport,
+    me: NodeId,
+    join: &[String],
+) -> anyhow::Result<()> {
+    let own = transport.local_addr();
+
+    let mut errors = Vec::new();
+    let mut joined = false;
+    for target in join {
+        let addrs = match tokio::net::lookup_host(target.as_str()).await {
+            Ok(addrs) => addrs.collect::<Vec<_>>(),
+            Err(e) => {
+                errors.push(format!("{target}: {e}"));
+                continue;
+            }
+        };
+        for addr in addrs.into_iter().filter(|a| *a != own) {
+            match transport.connection(addr).await {
+                Ok(conn) => match transport::remote_node_id(&conn) {
+                    Some(id) if id == me => {}
+                    Some(id) => {
+                        gossip.announce(id, addr).await;
+                        joined = true;
+                    }
+                    None => errors.push(format!("{addr}: presented no certificate")),
+                },
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    }
+    if !join.is_empty() && !joined && !errors.is_empty() {
+        bail!("cannot join the cluster: {}", errors.join("; "));
+    }
+    for e in errors {
+        warn!("join: {e}");
+    }
+    Ok(())
+}
+
+/// How long apart a peer started with `retry_join` tries its join
+/// addresses again, and for how long at most.
+const RETRY_JOIN_EVERY: Duration = Duration::from_secs(2);
+const RETRY_JOIN_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// Tries the join addresses until the membership holds another peer (it
+/// may have come to us meanwhile).
+async fn retry_join(gossip: Gossip, transport: Arc<Transport>, me: NodeId, join: Vec<String>) {
+    let deadline = tokio::time::Instant::now() + RETRY_JOIN_FOR;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(RETRY_JOIN_EVERY).await;
+        if gossip.view().nodes().iter().any(|n| n.id != me) {
+            info!("joined the cluster");
+            return;
+        }
+        if let Err(e) = join_cluster(&gossip, &transport, me, &join).await {
+            debug!("retrying join: {e}");
+        }
     }
 }
 

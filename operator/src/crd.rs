@@ -47,6 +47,8 @@ pub struct StorageClusterSpec {
     #[serde(default = "default_storage_classes")]
     pub storage_classes: Vec<StorageClassSpec>,
     #[serde(default)]
+    pub csi: Csi,
+    #[serde(default)]
     pub images: Images,
     #[serde(default)]
     pub resources: Resources,
@@ -184,6 +186,26 @@ pub enum ReclaimPolicy {
     #[default]
     Delete,
     Retain,
+}
+
+/// How the CSI node service runs beside kubelet.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Csi {
+    /// Run the upstream node-driver-registrar and livenessprobe sidecars
+    /// beside the CSI node service. When false, shoal-csi registers itself
+    /// with kubelet (the plugin registration API) and serves its own
+    /// liveness endpoint: two containers and two images fewer per node.
+    #[serde(default = "yes")]
+    pub node_sidecars: bool,
+}
+
+impl Default for Csi {
+    fn default() -> Self {
+        Self {
+            node_sidecars: true,
+        }
+    }
 }
 
 /// Container images. Shoal's own default to this operator's version.

@@ -23,10 +23,17 @@ enum Command {
     /// Print the StorageCluster CRD as YAML.
     Crd,
     /// Write this node's zone and rack (from its labels) to DIR/zone and
-    /// DIR/rack; run by the storage peers' init container.
+    /// DIR/rack, and the peer addresses of the other storage nodes to
+    /// DIR/join; run by the storage peers' init container.
     NodeTopology {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Label selector of the storage nodes ("" for all).
+        #[arg(long, default_value = "")]
+        peers: String,
+        /// The port peers listen on.
+        #[arg(long)]
+        port: u16,
     },
 }
 
@@ -45,8 +52,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => shoal_operator::reconcile::run(kube::Client::try_default().await?).await,
-        Command::NodeTopology { out } => {
-            shoal_operator::reconcile::node_topology(kube::Client::try_default().await?, &out).await
+        Command::NodeTopology { out, peers, port } => {
+            shoal_operator::reconcile::node_topology(
+                kube::Client::try_default().await?,
+                &out,
+                &peers,
+                port,
+            )
+            .await
         }
     }
 }

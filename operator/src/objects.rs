@@ -28,6 +28,9 @@ pub const CLUSTER_LABEL: &str = "shoal.io/cluster";
 pub const PEER_PORT: i32 = 7700;
 /// Where kubelet keeps pods' volumes and CSI plugins' sockets.
 const KUBELET_DIR: &str = "/var/lib/kubelet";
+/// Where, in the peers' data dir, the CSI node service keeps the peer's
+/// FUSE connections (see `shoal-csi --fuse-keeper`).
+const KEEPER_SOCKET: &str = "/data/fuse-keeper.sock";
 
 /// One object to apply.
 #[derive(Debug, Clone)]
@@ -64,6 +67,7 @@ pub struct Names {
     pub namespace: String,
     pub cluster: String,
     pub node: String,
+    pub csi_node: String,
     pub controller: String,
     pub peers: String,
     pub config: String,
@@ -78,6 +82,7 @@ impl Names {
         let namespace = sc.namespace().unwrap_or_default();
         Self {
             node: format!("{name}-node"),
+            csi_node: format!("{name}-csi-node"),
             controller: format!("{name}-csi-controller"),
             peers: format!("{name}-peers"),
             config: format!("{name}-config"),
@@ -239,8 +244,9 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
         &node_role,
         "rbac",
         json!({"rules": [
-            // The peers' init container reads its node's zone and rack labels.
-            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+            // The peers' init container reads its node's zone and rack
+            // labels, and the addresses of the other storage nodes.
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]},
         ]}),
     );
     let controller_role = format!("{}-controller", n.cluster_scoped);
@@ -317,26 +323,39 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
         }}),
     );
 
-    // The node DaemonSet: storage peer, CSI node service, sidecars.
-    let plugin_dir = format!("{KUBELET_DIR}/plugins/{DRIVER}");
+    // The peers' DaemonSet: one storage peer per node, on the node's own
+    // network (its address stays the peer's across restarts, and no pod
+    // network or cluster DNS stands between peers), joining the peers of
+    // the other selected nodes.
     let pull = &images.pull_policy;
     let peer_script = format!(
         "exec shoal node run --dir /data --ca /ca --listen \"$POD_IP:{PEER_PORT}\" \
-         --join {peers}.{ns}.svc:{PEER_PORT} \
+         --retry-join $(sed 's/^/--join /' /topology/join) \
          --zone \"$(cat /topology/zone)\" --rack \"$(cat /topology/rack)\" \
          --capacity \"$CAPACITY\" --replicas \"$REPLICATION\" --failure-domain \"$FAILURE_DOMAIN\" \
-         --status-listen \"$POD_IP:{status}\" \
+         --status-listen \"$POD_IP:{status}\" --fuse-keeper {KEEPER_SOCKET} \
          $([ \"$LOCAL_COPY\" = true ] && echo --local-copy)",
-        peers = n.peers,
-        ns = n.namespace,
         status = crate::peers::STATUS_PORT,
     );
-    let node_labels = json!({CLUSTER_LABEL: cluster_label(sc), "app.kubernetes.io/name": "shoal", "app.kubernetes.io/component": "node"});
+    let component_labels = |component: &str| json!({CLUSTER_LABEL: cluster_label(sc), "app.kubernetes.io/name": "shoal", "app.kubernetes.io/component": component});
+    let node_labels = component_labels("node");
     let resources = |r: &Option<k8s_openapi::api::core::v1::ResourceRequirements>| {
         r.as_ref().map_or(json!({}), |r| {
             serde_json::to_value(r).expect("resources serialise")
         })
     };
+    let selector = spec
+        .nodes
+        .node_selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let kubelet_volume =
+        json!({"name": "kubelet", "hostPath": {"path": KUBELET_DIR, "type": "Directory"}});
+    let kubelet_mount =
+        json!({"name": "kubelet", "mountPath": KUBELET_DIR, "mountPropagation": "Bidirectional"});
+    let data_volume = json!({"name": "data", "hostPath": {"path": spec.storage.host_path, "type": "DirectoryOrCreate"}});
     b.push(
         typed::<DaemonSet>(),
         true,
@@ -355,92 +374,152 @@ pub fn desired(sc: &StorageCluster, snapshots: bool) -> Vec<Desired> {
                     "nodeSelector": spec.nodes.node_selector,
                     "tolerations": spec.nodes.tolerations,
                     "priorityClassName": "system-node-critical",
+                    "hostNetwork": true,
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    // Time to commit what the mounts hold before the peer
+                    // hands their FUSE connections over.
+                    "terminationGracePeriodSeconds": 60,
                     "initContainers": [{
                         "name": "topology",
                         "image": images.operator,
                         "imagePullPolicy": pull,
-                        "args": ["node-topology", "--out", "/topology"],
+                        "args": ["node-topology", "--out", "/topology", "--peers", selector, "--port", PEER_PORT.to_string()],
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                         ],
                         "envFrom": [{"configMapRef": {"name": n.config}}],
                         "volumeMounts": [{"name": "topology", "mountPath": "/topology"}],
                     }],
-                    "containers": [
-                        {
-                            "name": "peer",
-                            "image": images.shoal,
-                            "imagePullPolicy": pull,
-                            "command": ["/bin/sh", "-c", peer_script],
-                            "env": [
-                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                            ],
-                            "envFrom": [{"configMapRef": {"name": n.config}}],
-                            "securityContext": {"privileged": true},
-                            "resources": resources(&spec.resources.peer),
-                            "ports": [
-                                {"name": "quic", "containerPort": PEER_PORT, "protocol": "UDP"},
-                                {"name": "status", "containerPort": crate::peers::STATUS_PORT},
-                            ],
-                            "readinessProbe": {
-                                "exec": {"command": ["shoal", "status", "--dir", "/data"]},
-                                "periodSeconds": 10,
-                            },
-                            "volumeMounts": [
-                                {"name": "data", "mountPath": "/data"},
-                                {"name": "ca", "mountPath": "/ca", "readOnly": true},
-                                {"name": "topology", "mountPath": "/topology", "readOnly": true},
-                                {"name": "kubelet", "mountPath": KUBELET_DIR, "mountPropagation": "Bidirectional"},
-                                {"name": "fuse", "mountPath": "/dev/fuse"},
-                            ],
+                    "containers": [{
+                        "name": "peer",
+                        "image": images.shoal,
+                        "imagePullPolicy": pull,
+                        "command": ["/bin/sh", "-c", peer_script],
+                        "env": [
+                            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                        ],
+                        "envFrom": [{"configMapRef": {"name": n.config}}],
+                        "securityContext": {"privileged": true},
+                        "resources": resources(&spec.resources.peer),
+                        "ports": [
+                            {"name": "quic", "containerPort": PEER_PORT, "protocol": "UDP"},
+                            {"name": "status", "containerPort": crate::peers::STATUS_PORT},
+                        ],
+                        "readinessProbe": {
+                            "exec": {"command": ["shoal", "status", "--dir", "/data"]},
+                            "periodSeconds": 10,
                         },
-                        {
-                            "name": "csi-node",
-                            "image": images.csi,
-                            "imagePullPolicy": pull,
-                            "args": ["--endpoint", "unix:///csi/csi.sock", "--mode", "node", "--node-id", "$(NODE_NAME)", "--peer-dir", "/data"],
-                            "env": [
-                                {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                            ],
-                            "securityContext": {"privileged": true},
-                            "resources": resources(&spec.resources.csi),
-                            "ports": [{"name": "healthz", "containerPort": 9808}],
-                            "livenessProbe": {
-                                "httpGet": {"path": "/healthz", "port": "healthz"},
-                                "initialDelaySeconds": 10,
-                                "periodSeconds": 10,
-                                "failureThreshold": 5,
-                            },
-                            "volumeMounts": [
-                                {"name": "plugin", "mountPath": "/csi"},
-                                {"name": "data", "mountPath": "/data"},
-                                {"name": "kubelet", "mountPath": KUBELET_DIR, "mountPropagation": "Bidirectional"},
-                            ],
-                        },
-                        {
-                            "name": "node-driver-registrar",
-                            "image": images.node_driver_registrar,
-                            "imagePullPolicy": pull,
-                            "args": ["--csi-address=/csi/csi.sock", format!("--kubelet-registration-path={plugin_dir}/csi.sock")],
-                            "volumeMounts": [
-                                {"name": "plugin", "mountPath": "/csi"},
-                                {"name": "registration", "mountPath": "/registration"},
-                            ],
-                        },
-                        {
-                            "name": "livenessprobe",
-                            "image": images.livenessprobe,
-                            "imagePullPolicy": pull,
-                            "args": ["--csi-address=/csi/csi.sock"],
-                            "volumeMounts": [{"name": "plugin", "mountPath": "/csi"}],
-                        },
-                    ],
+                        "volumeMounts": [
+                            {"name": "data", "mountPath": "/data"},
+                            {"name": "ca", "mountPath": "/ca", "readOnly": true},
+                            {"name": "topology", "mountPath": "/topology", "readOnly": true},
+                            kubelet_mount,
+                            {"name": "fuse", "mountPath": "/dev/fuse"},
+                        ],
+                    }],
                     "volumes": [
-                        {"name": "data", "hostPath": {"path": spec.storage.host_path, "type": "DirectoryOrCreate"}},
+                        data_volume,
                         {"name": "ca", "secret": {"secretName": n.ca, "defaultMode": 0o400}},
                         {"name": "topology", "emptyDir": {}},
-                        {"name": "kubelet", "hostPath": {"path": KUBELET_DIR, "type": "Directory"}},
+                        kubelet_volume,
                         {"name": "fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
+                    ],
+                },
+            },
+        }}),
+    );
+
+    // The CSI node service's DaemonSet, apart from the peers': it holds a
+    // second reference to every FUSE connection the peer on its node
+    // serves, so a peer pod deleted, restarted or rolled to a new version
+    // leaves the kernel mounts alive, and its successor takes them over.
+    let plugin_dir = format!("{KUBELET_DIR}/plugins/{DRIVER}");
+    let csi_labels = component_labels("csi-node");
+    let mut csi_args = vec![
+        "--endpoint".to_string(),
+        "unix:///csi/csi.sock".into(),
+        "--mode".into(),
+        "node".into(),
+        "--node-id".into(),
+        "$(NODE_NAME)".into(),
+        "--peer-dir".into(),
+        "/data".into(),
+        "--fuse-keeper".into(),
+        KEEPER_SOCKET.into(),
+    ];
+    let mut csi_containers = vec![];
+    if !spec.csi.node_sidecars {
+        csi_args.extend([
+            "--registration-dir".to_string(),
+            "/registration".into(),
+            "--kubelet-endpoint".into(),
+            format!("{plugin_dir}/csi.sock"),
+            "--healthz-listen".into(),
+            "0.0.0.0:9808".into(),
+        ]);
+    }
+    csi_containers.push(json!({
+        "name": "csi-node",
+        "image": images.csi,
+        "imagePullPolicy": pull,
+        "args": csi_args,
+        "env": [
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
+        "securityContext": {"privileged": true},
+        "resources": resources(&spec.resources.csi),
+        "ports": [{"name": "healthz", "containerPort": 9808}],
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "healthz"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 5,
+        },
+        "volumeMounts": [
+            {"name": "plugin", "mountPath": "/csi"},
+            {"name": "registration", "mountPath": "/registration"},
+            {"name": "data", "mountPath": "/data"},
+            kubelet_mount,
+        ],
+    }));
+    if spec.csi.node_sidecars {
+        csi_containers.push(json!({
+            "name": "node-driver-registrar",
+            "image": images.node_driver_registrar,
+            "imagePullPolicy": pull,
+            "args": ["--csi-address=/csi/csi.sock", format!("--kubelet-registration-path={plugin_dir}/csi.sock")],
+            "volumeMounts": [
+                {"name": "plugin", "mountPath": "/csi"},
+                {"name": "registration", "mountPath": "/registration"},
+            ],
+        }));
+        csi_containers.push(json!({
+            "name": "livenessprobe",
+            "image": images.livenessprobe,
+            "imagePullPolicy": pull,
+            "args": ["--csi-address=/csi/csi.sock"],
+            "volumeMounts": [{"name": "plugin", "mountPath": "/csi"}],
+        }));
+    }
+    b.push(
+        typed::<DaemonSet>(),
+        true,
+        &n.csi_node,
+        "csi-node",
+        json!({"spec": {
+            "selector": {"matchLabels": csi_labels},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": csi_labels},
+                "spec": {
+                    "serviceAccountName": n.node,
+                    "nodeSelector": spec.nodes.node_selector,
+                    "tolerations": spec.nodes.tolerations,
+                    "priorityClassName": "system-node-critical",
+                    "containers": csi_containers,
+                    "volumes": [
+                        data_volume,
+                        kubelet_volume,
                         {"name": "plugin", "hostPath": {"path": plugin_dir, "type": "DirectoryOrCreate"}},
                         {"name": "registration", "hostPath": {"path": format!("{KUBELET_DIR}/plugins_registry"), "type": "Directory"}},
                     ],
@@ -673,6 +752,7 @@ mod tests {
             ("ConfigMap", "main-config"),
             ("Service", "main-peers"),
             ("DaemonSet", "main-node"),
+            ("DaemonSet", "main-csi-node"),
             ("Deployment", "main-csi-controller"),
             ("CSIDriver", "csi.shoal.io"),
             ("StorageClass", "fast"),
@@ -723,19 +803,19 @@ mod tests {
         let driver = find(&objects, "CSIDriver", "csi.shoal.io");
         assert_eq!(driver["spec"]["attachRequired"], false);
 
+        let names = |pod: &Value| -> Vec<String> {
+            pod["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["name"].as_str().unwrap().to_string())
+                .collect()
+        };
         let ds = find(&objects, "DaemonSet", "main-node");
         let pod = &ds["spec"]["template"]["spec"];
         assert_eq!(pod["nodeSelector"]["storage"], "yes");
-        let containers: Vec<&str> = pod["containers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            containers,
-            ["peer", "csi-node", "node-driver-registrar", "livenessprobe"]
-        );
+        assert_eq!(pod["hostNetwork"], true);
+        assert_eq!(names(pod), ["peer"]);
         let peer = &pod["containers"][0];
         assert_eq!(peer["securityContext"]["privileged"], true);
         let kubelet = peer["volumeMounts"]
@@ -745,12 +825,42 @@ mod tests {
             .find(|m| m["name"] == "kubelet")
             .unwrap();
         assert_eq!(kubelet["mountPropagation"], "Bidirectional");
+        let script = peer["command"][2].as_str().unwrap();
         assert!(
-            peer["command"][2]
-                .as_str()
-                .unwrap()
-                .contains("--join main-peers.storage.svc:7700")
+            script.contains("--retry-join $(sed 's/^/--join /' /topology/join)"),
+            "{script}"
         );
+        assert!(
+            script.contains("--fuse-keeper /data/fuse-keeper.sock"),
+            "{script}"
+        );
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["args"][3], "--peers");
+        assert_eq!(init["args"][4], "storage=yes");
+        // The CSI node service apart, keeping the peer's FUSE connections,
+        // with the upstream sidecars by default and without them when
+        // asked.
+        let csi = find(&objects, "DaemonSet", "main-csi-node");
+        let csi_pod = &csi["spec"]["template"]["spec"];
+        assert_eq!(
+            names(csi_pod),
+            ["csi-node", "node-driver-registrar", "livenessprobe"]
+        );
+        let args = csi_pod["containers"][0]["args"].to_string();
+        assert!(args.contains("--fuse-keeper") && !args.contains("--registration-dir"));
+        let mut builtin = sc.clone();
+        builtin.spec.csi.node_sidecars = false;
+        let objects = desired(&builtin, true);
+        let csi_pod = &find(&objects, "DaemonSet", "main-csi-node")["spec"]["template"]["spec"];
+        assert_eq!(names(csi_pod), ["csi-node"]);
+        let args = csi_pod["containers"][0]["args"].to_string();
+        for flag in [
+            "--registration-dir",
+            "--kubelet-endpoint",
+            "--healthz-listen",
+        ] {
+            assert!(args.contains(flag), "{flag} in {args}");
+        }
         // The typed form parses: the JSON is a valid DaemonSet.
         let _: DaemonSet = serde_json::from_value(json!({
             "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "x"}, "spec": ds["spec"],

@@ -152,6 +152,32 @@ fn within(want: &serde_json::Value, have: &serde_json::Value) -> bool {
     }
 }
 
+/// The DaemonSet whose rollout `d` waits for, if `d` is one of the two
+/// that hold each other's FUSE connections.
+fn held_back_by<'a>(d: &Desired, names: &'a Names) -> Option<&'a str> {
+    if d.resource.kind != "DaemonSet" {
+        return None;
+    }
+    if d.name() == names.node {
+        Some(&names.csi_node)
+    } else if d.name() == names.csi_node {
+        Some(&names.node)
+    } else {
+        None
+    }
+}
+
+/// Whether a DaemonSet is replacing pods: not yet seen by its controller,
+/// pods on an older template, or pods not available.
+pub fn rolling(ds: &DaemonSet) -> bool {
+    let Some(s) = &ds.status else {
+        return true;
+    };
+    s.observed_generation < ds.metadata.generation
+        || s.updated_number_scheduled.unwrap_or(0) < s.desired_number_scheduled
+        || s.number_unavailable.unwrap_or(0) > 0
+}
+
 /// Whether the VolumeSnapshot CRDs are installed.
 async fn snapshots_installed(client: &Client) -> Result<bool, Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -168,9 +194,26 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action, Error> {
     let snapshots = snapshots_installed(client).await?;
     let desired = objects::desired(sc, snapshots);
     let params = PatchParams::apply(MANAGER).force();
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace);
     for d in &desired {
         let api = dynamic_api(client, d, &names.namespace);
-        if let Some(current) = api.get_opt(&d.name()).await?
+        let current = api.get_opt(&d.name()).await?;
+        if let (Some(_), Some(other)) = (&current, held_back_by(d, &names)) {
+            // The peers' and the CSI node service's pods each keep the
+            // other's FUSE connections alive: never roll both at once.
+            if daemonsets
+                .get_opt(other)
+                .await?
+                .is_some_and(|ds| rolling(&ds))
+            {
+                info!(
+                    daemonset = d.name(),
+                    other, "waits until {other} has rolled out"
+                );
+                continue;
+            }
+        }
+        if let Some(current) = current
             && immutable_changed(d, &current)
         {
             info!(
@@ -370,11 +413,9 @@ async fn wipe(sc: &StorageCluster, ctx: &Context) -> Result<(), Error> {
         return Ok(());
     }
     let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace);
-    deleted(
-        daemonsets
-            .delete(&names.node, &DeleteParams::default())
-            .await,
-    )?;
+    for ds in [&names.node, &names.csi_node] {
+        deleted(daemonsets.delete(ds, &DeleteParams::default()).await)?;
+    }
     deleted(
         Api::<Deployment>::namespaced(client.clone(), &names.namespace)
             .delete(&names.controller, &DeleteParams::default())
@@ -423,8 +464,13 @@ async fn status(
     client: &Client,
     names: &Names,
 ) -> Result<StorageClusterStatus, Error> {
-    let ds = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace)
+    let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &names.namespace);
+    let ds = daemonsets
         .get_opt(&names.node)
+        .await?
+        .and_then(|d| d.status);
+    let csi = daemonsets
+        .get_opt(&names.csi_node)
         .await?
         .and_then(|d| d.status);
     let deploy = Api::<Deployment>::namespaced(client.clone(), &names.namespace)
@@ -439,6 +485,7 @@ async fn status(
             .and_then(|s| s.updated_number_scheduled)
             .unwrap_or(0),
         controllers: deploy.and_then(|s| s.available_replicas).unwrap_or(0),
+        csi_nodes: csi.as_ref().map_or(0, |s| s.number_ready),
     };
     let reported = ask_peers(sc, client, names).await?;
     let previous = sc.status.clone().unwrap_or_default();
@@ -485,6 +532,8 @@ pub struct PeerCounts {
     pub ready: i32,
     pub updated: i32,
     pub controllers: i32,
+    /// CSI node services ready.
+    pub csi_nodes: i32,
 }
 
 /// Phase and conditions from the counts and what the peers report (a
@@ -499,7 +548,11 @@ pub fn summarise(
     let under_replicated = reported.and_then(|r| r.under_replicated).unwrap_or(0);
     let replication = i32::from(sc.spec.replication);
     let rolling = c.updated < c.desired;
-    let ready = c.desired > 0 && c.ready == c.desired && !rolling && c.controllers > 0;
+    let ready = c.desired > 0
+        && c.ready == c.desired
+        && c.csi_nodes >= c.desired
+        && !rolling
+        && c.controllers > 0;
     let (degraded, degraded_reason, degraded_message) = if c.desired > 0 && c.desired < replication
     {
         (
@@ -529,7 +582,8 @@ pub fn summarise(
             format!("{} of {} peers ready", c.ready, c.desired),
         )
     };
-    let progressing = rolling || c.ready < c.desired || c.controllers == 0;
+    let progressing =
+        rolling || c.ready < c.desired || c.csi_nodes < c.desired || c.controllers == 0;
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let generation = sc.metadata.generation.unwrap_or(0);
     let condition = |type_: &str, status: bool, reason: &str, message: String| {
@@ -553,8 +607,8 @@ pub fn summarise(
             ready,
             if ready { "AllPeersReady" } else { "NotReady" },
             format!(
-                "{}/{} peers ready, {} CSI controllers available",
-                c.ready, c.desired, c.controllers
+                "{}/{} peers ready, {}/{} CSI node services ready, {} CSI controllers available",
+                c.ready, c.desired, c.csi_nodes, c.desired, c.controllers
             ),
         ),
         condition(
@@ -603,11 +657,20 @@ pub fn summarise(
 
 /// Writes the zone and rack of this pod's node (`NODE_NAME`), read from
 /// the labels the StorageCluster names (`ZONE_LABEL`, `RACK_LABEL`), to
-/// `DIR/zone` and `DIR/rack`: the peers' init container.
-pub async fn node_topology(client: Client, out: &std::path::Path) -> anyhow::Result<()> {
+/// `DIR/zone` and `DIR/rack`, and to `DIR/join` the peer address
+/// (`IP:port`, one a line) of every other node `selector` picks: the peers'
+/// init container. Peers run on their node's network, so a node's internal
+/// address is its peer's, and no cluster DNS is needed to find them.
+pub async fn node_topology(
+    client: Client,
+    out: &std::path::Path,
+    selector: &str,
+    port: u16,
+) -> anyhow::Result<()> {
     let var = |name: &str| std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set"));
     let node_name = var("NODE_NAME")?;
-    let node = Api::<Node>::all(client).get(&node_name).await?;
+    let nodes = Api::<Node>::all(client);
+    let node = nodes.get(&node_name).await?;
     let labels = node.labels();
     for (file, label) in [("zone", var("ZONE_LABEL")?), ("rack", var("RACK_LABEL")?)] {
         let value = labels
@@ -617,7 +680,31 @@ pub async fn node_topology(client: Client, out: &std::path::Path) -> anyhow::Res
         std::fs::write(out.join(file), &value)?;
         info!(node = node_name, label, value, "{file}");
     }
+    let others = nodes.list(&ListParams::default().labels(selector)).await?;
+    let join = peer_addresses(&others.items, &node_name, port);
+    std::fs::write(out.join("join"), join.join("\n"))?;
+    info!(node = node_name, peers = ?join, "join");
     Ok(())
+}
+
+/// `IP:port` of the internal address of every node but `me`.
+fn peer_addresses(nodes: &[Node], me: &str, port: u16) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.name_any() != me)
+        .filter_map(|n| {
+            n.status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .find(|a| a.type_ == "InternalIP")
+                .map(|a| match a.address.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                    _ => format!("{}:{port}", a.address),
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -639,6 +726,7 @@ mod tests {
             ready,
             updated,
             controllers,
+            csi_nodes: desired,
         }
     }
 
@@ -681,6 +769,30 @@ mod tests {
         assert_eq!(s.under_replicated_blocks, Some(7));
         assert_eq!(s.phase, "Degraded");
         assert_eq!(condition(&s, "Degraded").reason, "UnderReplicated");
+    }
+
+    #[test]
+    fn peers_join_the_other_nodes_at_their_internal_addresses() {
+        let node = |name: &str, addresses: serde_json::Value| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "status": {"addresses": addresses},
+            }))
+            .unwrap()
+        };
+        let nodes = [
+            node(
+                "a",
+                json!([{"type": "Hostname", "address": "a"}, {"type": "InternalIP", "address": "10.0.0.1"}]),
+            ),
+            node("b", json!([{"type": "InternalIP", "address": "10.0.0.2"}])),
+            node("c", json!([{"type": "InternalIP", "address": "fd00::3"}])),
+            node("d", json!([{"type": "Hostname", "address": "d"}])),
+        ];
+        assert_eq!(
+            peer_addresses(&nodes, "b", 7700),
+            ["10.0.0.1:7700", "[fd00::3]:7700"]
+        );
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! - [`admin`]: the gRPC admin API each peer serves on a unix socket.
 //! - [`csi`]: the Container Storage Interface (v1.10), which `shoal-csi`
 //!   serves to Kubernetes.
+//! - [`pluginregistration`]: kubelet's plugin registration API, through
+//!   which `shoal-csi` can register itself with kubelet.
 
 #![allow(missing_debug_implementations)]
 
@@ -28,6 +30,11 @@ pub mod csi {
     pub mod v1 {
         tonic::include_proto!("csi.v1");
     }
+}
+
+/// Kubelet's plugin registration API (v1).
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
 }
 
 /// Messages storage peers exchange over QUIC.

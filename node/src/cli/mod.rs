@@ -138,6 +138,15 @@ struct NodeRun {
     /// Address of a peer already in the cluster (repeatable).
     #[arg(long)]
     join: Vec<String>,
+    /// Start even if no --join address answers, and keep trying them until
+    /// another peer is seen (for peers that all start at once).
+    #[arg(long)]
+    retry_join: bool,
+    /// Socket of a keeper (`shoal-csi --fuse-keeper`) that holds this
+    /// peer's FUSE connections while it restarts: mounts then outlive the
+    /// peer, and SIGTERM hands them over instead of unmounting.
+    #[arg(long)]
+    fuse_keeper: Option<PathBuf>,
     #[arg(long, default_value = "default")]
     zone: String,
     #[arg(long, default_value = "default")]
@@ -537,6 +546,8 @@ async fn run_node(args: NodeRun) -> anyhow::Result<()> {
         status_listen: args.status_listen,
         repair_interval: args.repair_interval,
         local_copy: args.local_copy,
+        retry_join: args.retry_join,
+        fuse_keeper: args.fuse_keeper,
     };
     let peer = Peer::start(config).await?;
     peer.run(shutdown_signal()).await

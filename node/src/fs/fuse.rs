@@ -18,6 +18,7 @@ use fuser::{
 use shoal_core::fs::inode::NAME_MAX;
 use shoal_core::fs::{Inode, Kind, Timestamp};
 use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
 
 use super::filesystem::{ATTR_TTL, VolumeFs};
 
@@ -27,6 +28,8 @@ pub const MAX_IO: u32 = 1024 * 1024;
 pub struct ShoalFuse {
     fs: Arc<VolumeFs>,
     rt: Handle,
+    /// The requests answered by tasks, until they are answered.
+    tasks: TaskTracker,
     /// Tells the kernel of changes it did not ask for; set once mounted.
     notifier: Arc<OnceLock<fuser::Notifier>>,
 }
@@ -42,8 +45,14 @@ impl ShoalFuse {
         Self {
             fs,
             rt,
+            tasks: TaskTracker::new(),
             notifier: Arc::default(),
         }
+    }
+
+    /// The tasks answering requests: a handover waits for them.
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
     }
 
     /// Where the mounted session's notifier goes.
@@ -72,7 +81,8 @@ impl ShoalFuse {
         match op.as_mut().poll(&mut cx) {
             std::task::Poll::Ready(result) => reply(result),
             std::task::Poll::Pending => {
-                self.rt.spawn(async move { reply(op.await) });
+                self.tasks
+                    .spawn_on(async move { reply(op.await) }, &self.rt);
             }
         }
     }
@@ -472,7 +482,7 @@ impl fuser::Filesystem for ShoalFuse {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -486,7 +496,7 @@ impl fuser::Filesystem for ShoalFuse {
             return;
         }
         self.spawn(
-            move |fs| async move { fs.read(fh.0, offset, size).await },
+            move |fs| async move { fs.read(ino.0, fh.0, offset, size).await },
             move |r| match r {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(e),
@@ -511,7 +521,7 @@ impl fuser::Filesystem for ShoalFuse {
         let notifier = self.notifier.clone();
         self.spawn(
             move |fs| async move {
-                let written = fs.write(fh.0, offset, data).await?;
+                let written = fs.write(ino.0, fh.0, offset, data).await?;
                 let dropped = unprivileged && fs.drop_privileges(ino.0).await?;
                 Ok((written, dropped))
             },
@@ -531,18 +541,21 @@ impl fuser::Filesystem for ShoalFuse {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move { fs.commit(fh.0).await }, empty(reply));
+        self.spawn(
+            move |fs| async move { fs.commit(ino.0, fh.0).await },
+            empty(reply),
+        );
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -550,7 +563,7 @@ impl fuser::Filesystem for ShoalFuse {
         reply: ReplyEmpty,
     ) {
         self.spawn(
-            move |fs| async move { fs.release(fh.0).await },
+            move |fs| async move { fs.release(ino.0, fh.0).await },
             empty(reply),
         );
     }
@@ -558,12 +571,15 @@ impl fuser::Filesystem for ShoalFuse {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move { fs.fsync(fh.0).await }, empty(reply));
+        self.spawn(
+            move |fs| async move { fs.fsync(ino.0, fh.0).await },
+            empty(reply),
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -587,7 +603,7 @@ impl fuser::Filesystem for ShoalFuse {
         self.spawn(
             move |fs| async move {
                 let skip = listing_skip(offset);
-                Ok((offset, fs.readdir(fh.0, skip, 4096, false).await?))
+                Ok((offset, fs.readdir(ino.0, fh.0, skip, 4096, false).await?))
             },
             move |r: Result<_, Errno>| match r {
                 Ok((offset, entries)) => {
@@ -625,7 +641,7 @@ impl fuser::Filesystem for ShoalFuse {
             move |fs| async move {
                 let skip = listing_skip(offset);
                 let dir = fs.inode(ino.0).await?;
-                Ok((offset, dir, fs.readdir(fh.0, skip, 512, true).await?))
+                Ok((offset, dir, fs.readdir(ino.0, fh.0, skip, 512, true).await?))
             },
             move |r: Result<_, Errno>| match r {
                 Ok((offset, dir, entries)) => {

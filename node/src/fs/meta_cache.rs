@@ -420,21 +420,25 @@ impl MetaCache {
         }
     }
 
-    /// Commits everything and leaves the session table (unmount).
-    pub async fn stop(&self) {
+    /// Commits everything and leaves the session table (unmount); returns
+    /// whether everything is committed.
+    pub async fn stop(&self) -> bool {
         for task in self.tasks.lock().expect("tasks").drain(..) {
             task.abort();
         }
         let mode = self.mode.write().await;
+        let mut committed = true;
         if mode.exclusive
             && let Err(e) = self.commit_renewing().await
         {
             warn!("volume {}: commit at unmount failed: {e}", self.volume());
+            committed = false;
         }
         let id = self.session.id;
         if let Err(e) = self.change_sessions(|t, _| t.leave(id)).await {
             warn!("volume {}: leaving the session table: {e}", self.volume());
         }
+        committed
     }
 
     /// The mode for one operation; a holder whose session may have expired

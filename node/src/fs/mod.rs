@@ -5,6 +5,7 @@
 pub mod chunk_cache;
 pub mod filesystem;
 pub mod fuse;
+pub mod handover;
 pub mod image;
 pub mod meta;
 pub mod meta_cache;

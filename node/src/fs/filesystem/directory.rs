@@ -501,17 +501,39 @@ impl VolumeFs {
 
     /// A directory handle with the listing it will return.
     pub async fn opendir(&self, ino: u64) -> Result<u64, Errno> {
+        let listing = self.listing(ino).await?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.listings.lock().expect("listings").insert(fh, listing);
+        Ok(fh)
+    }
+
+    /// What listing directory `ino` returns, as of now.
+    async fn listing(&self, ino: u64) -> Result<Listing, Errno> {
         let inode = self.inode(ino).await?;
         if inode.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let listing = self.list(ino).await?;
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.listings
+        Ok(Arc::new(self.list(ino).await?))
+    }
+
+    /// The listing of directory handle `fh` on `ino`. One this mount does
+    /// not know, on a connection taken over from an earlier peer, was
+    /// opened through that peer: the directory is listed afresh.
+    async fn open_listing(&self, ino: u64, fh: u64) -> Result<Listing, Errno> {
+        if let Some(listing) = self.listings.lock().expect("listings").get(&fh) {
+            return Ok(listing.clone());
+        }
+        if self.predecessor == Predecessor::None {
+            return Err(Errno::EBADF);
+        }
+        let listing = self.listing(ino).await?;
+        Ok(self
+            .listings
             .lock()
             .expect("listings")
-            .insert(fh, Arc::new(listing));
-        Ok(fh)
+            .entry(fh)
+            .or_insert(listing)
+            .clone())
     }
 
     /// Entries of an open directory from `offset` on, with their inodes
@@ -519,18 +541,13 @@ impl VolumeFs {
     /// inode does not exist (yet) are left out.
     pub async fn readdir(
         &self,
+        ino: u64,
         fh: u64,
         offset: usize,
         count: usize,
         with_attrs: bool,
     ) -> Result<Vec<(Vec<u8>, DirEntry, Option<Inode>)>, Errno> {
-        let listing = self
-            .listings
-            .lock()
-            .expect("listings")
-            .get(&fh)
-            .cloned()
-            .ok_or(Errno::EBADF)?;
+        let listing = self.open_listing(ino, fh).await?;
         let page: Vec<_> = listing.iter().skip(offset).take(count).cloned().collect();
         if !with_attrs {
             return Ok(page.into_iter().map(|(n, e)| (n, e, None)).collect());

@@ -54,7 +54,10 @@ impl VolumeFs {
     /// A new handle on `ino`, whose open state already counts it.
     pub(super) fn new_handle(&self, ino: u64) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().expect("handles").insert(fh, ino);
+        self.handles
+            .lock()
+            .expect("handles")
+            .insert(fh, Handle { ino, lost: false });
         fh
     }
 
@@ -82,15 +85,56 @@ impl VolumeFs {
         Ok((self.new_handle(ino), keep))
     }
 
-    pub(super) fn handle(&self, fh: u64) -> Result<(u64, SharedFile), Errno> {
-        let ino = *self
+    /// The open file behind a handle this mount knows.
+    pub(super) fn known_handle(&self, fh: u64) -> Result<(u64, SharedFile), Errno> {
+        let ino = self
             .handles
             .lock()
             .expect("handles")
             .get(&fh)
-            .ok_or(Errno::EBADF)?;
+            .ok_or(Errno::EBADF)?
+            .ino;
         let file = self.open_state(ino).ok_or(Errno::EBADF)?;
         Ok((ino, file))
+    }
+
+    /// The open file behind handle `fh` on `ino`. A handle this mount does
+    /// not know, on a connection taken over from an earlier peer, was
+    /// opened through that peer: it is adopted, the file opened afresh.
+    pub(super) async fn handle(&self, ino: u64, fh: u64) -> Result<(u64, SharedFile), Errno> {
+        match self.known_handle(fh) {
+            Err(Errno::EBADF) if self.predecessor != Predecessor::None => {}
+            known => return known,
+        }
+        let file = self.open_file(ino).await?;
+        let lost = self.predecessor == Predecessor::Died;
+        let adopted = {
+            let mut handles = self.handles.lock().expect("handles");
+            match handles.get(&fh) {
+                // Adopted meanwhile by a concurrent request.
+                Some(h) => Some(h.ino),
+                None => {
+                    handles.insert(fh, Handle { ino, lost });
+                    None
+                }
+            }
+        };
+        if let Some(theirs) = adopted {
+            self.release_file(ino, &file).await;
+            return Ok((theirs, self.open_state(theirs).ok_or(Errno::EBADF)?));
+        }
+        info!(ino, fh, lost, "adopted a file handle of the previous peer");
+        Ok((ino, file))
+    }
+
+    /// Whether what was written through `fh` before the peer that opened
+    /// it died may be lost; reported once, as the kernel reports a
+    /// write-back error.
+    fn take_lost(&self, fh: u64) -> bool {
+        let mut handles = self.handles.lock().expect("handles");
+        handles
+            .get_mut(&fh)
+            .is_some_and(|h| std::mem::take(&mut h.lost))
     }
 
     /// Encrypts and stores one chunk in the background, once one of the
@@ -228,7 +272,7 @@ impl VolumeFs {
     /// needs a fetch, starts a sequential run (read-ahead), or the file is
     /// busy.
     pub fn read_held(&self, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
-        let (_, file) = self.handle(fh).ok()?;
+        let (_, file) = self.known_handle(fh).ok()?;
         let mut f = file.try_lock().ok()?;
         let end = (offset + u64::from(size)).min(f.inode.size);
         if offset >= end {
@@ -245,8 +289,14 @@ impl VolumeFs {
         Some(out)
     }
 
-    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        let (_, file) = self.handle(fh)?;
+    pub async fn read(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, Errno> {
+        let (_, file) = self.handle(ino, fh).await?;
         let mut out;
         let fetch;
         {
@@ -280,9 +330,9 @@ impl VolumeFs {
         Ok(out)
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
+    pub async fn write(&self, ino: u64, fh: u64, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
         self.writable()?;
-        let (_, file) = self.handle(fh)?;
+        let (_, file) = self.handle(ino, fh).await?;
         let end = offset + data.len() as u64;
         // Committed chunks this write changes only in part are read first,
         // without holding the file: other writes and reads go on meanwhile.
@@ -488,21 +538,30 @@ impl VolumeFs {
     }
 
     /// flush: commit the file behind a handle.
-    pub async fn commit(&self, fh: u64) -> Result<(), Errno> {
-        let (ino, file) = self.handle(fh)?;
-        self.commit_file(ino, &file).await
+    pub async fn commit(&self, ino: u64, fh: u64) -> Result<(), Errno> {
+        let (ino, file) = self.handle(ino, fh).await?;
+        self.commit_file(ino, &file).await?;
+        if self.take_lost(fh) {
+            warn!(ino, "writes made before the previous peer died may be lost");
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 
     /// fsync: commit the file and make it durable, with every metadata
     /// change before it (its name included).
-    pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
-        self.commit(fh).await?;
+    pub async fn fsync(&self, ino: u64, fh: u64) -> Result<(), Errno> {
+        self.commit(ino, fh).await?;
         self.barrier().await
     }
 
     /// Closes a handle, committing what is left.
-    pub async fn release(&self, fh: u64) -> Result<(), Errno> {
-        let Some(ino) = self.handles.lock().expect("handles").remove(&fh) else {
+    pub async fn release(&self, ino: u64, fh: u64) -> Result<(), Errno> {
+        if self.predecessor != Predecessor::None {
+            // A handle of the previous peer is adopted to be closed.
+            self.handle(ino, fh).await?;
+        }
+        let Some(Handle { ino, .. }) = self.handles.lock().expect("handles").remove(&fh) else {
             return Err(Errno::EBADF);
         };
         let Some(file) = self.open_state(ino) else {
@@ -514,8 +573,9 @@ impl VolumeFs {
     }
 
     /// Commits every open file and makes every change durable (before an
-    /// unmount or a snapshot).
-    pub async fn commit_all(&self) {
+    /// unmount or a snapshot); returns whether all of it is.
+    pub async fn commit_all(&self) -> bool {
+        let mut ok = true;
         let files: Vec<_> = self
             .files
             .lock()
@@ -526,12 +586,15 @@ impl VolumeFs {
         for (ino, file) in files {
             if let Err(e) = self.commit_file(ino, &file).await {
                 warn!("commit of inode {ino} before unmount: {e:?}");
+                ok = false;
             }
         }
         self.sync_usage().await;
         if let Err(e) = self.barrier().await {
             warn!("metadata commit: {e:?}");
+            ok = false;
         }
+        ok
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {

@@ -32,7 +32,7 @@ use shoal_core::fs::inode::{
 use shoal_core::fs::{ChunkRef, Content, Inode, Kind, Shard, ShardId, Usage, VolumeRecord};
 use shoal_core::mutable::PublicKey;
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
 mod directory;
 mod file;
@@ -64,6 +64,34 @@ type ChunkFuture = Shared<BoxFuture<'static, Result<Bytes, Errno>>>;
 
 /// A chunk on its way to the cluster: its plaintext, and the upload.
 type Upload = (Arc<Vec<u8>>, JoinHandle<Result<ChunkRef, Errno>>);
+
+/// A file handle the kernel holds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Handle {
+    ino: u64,
+    /// Opened through a peer that died before it handed the connection
+    /// over: what it had not committed is lost, which the next flush or
+    /// fsync reports.
+    lost: bool,
+}
+
+/// Who served a mount's FUSE connection before this peer took it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Predecessor {
+    /// Nobody: this peer mounted it.
+    None,
+    /// A peer that committed everything before it handed the connection
+    /// over.
+    HandedOver,
+    /// A peer that died: the handles it opened may have lost writes.
+    Died,
+}
+
+/// The first file handle of a mount: random high bits, so a mount that
+/// takes a connection over never gives out a handle its predecessor gave.
+fn first_handle() -> u64 {
+    (u64::from(rand::random::<u32>()) << 32) | 1
+}
 
 /// An open file's state, shared by all its handles.
 type SharedFile = Arc<tokio::sync::Mutex<OpenFile>>;
@@ -161,7 +189,9 @@ pub struct VolumeFs {
     /// Open files, with how many uses hold each: counted under this lock,
     /// so an open never joins a state that its last release is forgetting.
     files: Mutex<HashMap<u64, (usize, SharedFile)>>,
-    handles: Mutex<HashMap<u64, u64>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Who served this mount's FUSE connection before this peer.
+    predecessor: Predecessor,
     listings: Mutex<HashMap<u64, Listing>>,
     /// Inode versions whose data the kernel's page cache holds.
     page_cache: Mutex<HashMap<u64, u64>>,
@@ -213,6 +243,7 @@ impl VolumeFs {
         blocks: Arc<Blocks>,
         disk_cache: Arc<ChunkCache>,
         read_only: bool,
+        predecessor: Predecessor,
     ) -> Arc<Self> {
         let meta = volumes.meta(&record);
         let owner = meta.keys().data.writer().public();
@@ -238,9 +269,10 @@ impl VolumeFs {
             fetching: Mutex::default(),
             files: Mutex::default(),
             handles: Mutex::default(),
+            predecessor,
             listings: Mutex::default(),
             page_cache: Mutex::default(),
-            next_handle: AtomicU64::new(1),
+            next_handle: AtomicU64::new(first_handle()),
             usage: Mutex::default(),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
             unreferenced: Mutex::default(),
@@ -263,10 +295,12 @@ impl VolumeFs {
 
     /// Commits everything, frees the chunks that leaves unnamed, and
     /// leaves the volume's mounts (unmount).
-    pub async fn stop(&self) {
-        self.commit_all().await;
+    /// Commits everything and leaves the volume's session table; returns
+    /// whether everything acknowledged is committed.
+    pub async fn stop(&self) -> bool {
+        let committed = self.commit_all().await;
         self.reclaim().await;
-        self.cache.stop().await;
+        self.cache.stop().await && committed
     }
 
     /// Makes every change made so far durable on its quorum.
